@@ -1,0 +1,26 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# torch is installed first and pinned: an unpinned torch resolved alongside the rest can pull a multi-GB CUDA build
+# (on a GPU machine install the CUDA build of torch into .venv first; the pin then finds it already there).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+.PHONY: install demo test lint
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+lint: install
+	$(BIN)/ruff check hf_zoo_rnn scripts tests
+	$(BIN)/ruff format --check hf_zoo_rnn scripts tests
+
+test: lint
+	$(BIN)/python -m pytest

@@ -1,0 +1,41 @@
+"""Shared fixtures. The suite never touches the real Hub: offline mode and a private HF_HOME are set before any
+HuggingFace library is imported (they read the environment at import time)."""
+
+import os
+import tempfile
+
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_zoo_rnn_tests_hf_home_"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+from hf_zoo_rnn import ZooRnnConfig  # noqa: E402
+
+LICENSE_TEXT = "/usr/share/common-licenses/Apache-2.0"
+
+
+def small_config(**overrides) -> ZooRnnConfig:
+    values = dict(vocab_size=64, embedding_size=16, num_heads=3, head_dim=8, chunk_size=5)
+    values.update(overrides)
+    return ZooRnnConfig(**values)
+
+
+@pytest.fixture
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained in milliseconds on a licence text that every Debian machine has."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
+    with open(LICENSE_TEXT, encoding="utf-8") as handle:
+        tokenizer.train_from_iterator([handle.read()], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,242 @@
+"""The model: backend parity, chunking, generation, serialisation, Auto classes and bad configs."""
+
+import json
+
+import pytest
+import torch
+from conftest import small_config
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, pipeline
+
+from hf_zoo_rnn import ZooRnnConfig, ZooRnnForCausalLM, ZooRnnModel
+from hf_zoo_rnn.modeling_zoo_rnn import TORCH_CELLS, cpu_path, run_recurrence
+
+CELLS = ["lstm", "gru"]
+HEAD_SHAPES = [(1, 12), (3, 8), (20, 4)]
+
+
+def random_recurrence_inputs(cell, heads, dim, dtype, batch=3, steps=11, in_size=10):
+    input_gates, recurrent_gates, states = (4, 4, 2) if cell == "lstm" else (3, 3, 1)
+    return (
+        torch.randn(batch, steps, in_size, dtype=dtype),
+        torch.randn(input_gates * heads * dim, in_size, dtype=dtype) * 0.3,
+        torch.randn(recurrent_gates, heads, dim, dim, dtype=dtype) * 0.3,
+        torch.randn(4, heads, dim, dtype=dtype),
+        torch.randn(states, batch, heads, dim, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("heads,dim", HEAD_SHAPES)
+@pytest.mark.parametrize("kind", ["dense", "loop"])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_cpu_paths_match_flashrnn_vanilla(cell, heads, dim, kind, dtype, tolerance):
+    inputs = random_recurrence_inputs(cell, heads, dim, dtype)
+    reference_h, reference_state = run_recurrence(cell, "vanilla", *inputs)
+    h, state = TORCH_CELLS[cell, kind](*inputs)
+    assert h.shape == reference_h.shape and state.shape == reference_state.shape
+    assert (h - reference_h).abs().max() <= tolerance
+    assert (state - reference_state).abs().max() <= tolerance
+
+
+def test_cpu_path_choice_follows_the_measured_crossover():
+    assert cpu_path(num_heads=1, hidden_size=4096) == "dense"  # a single head is nn.LSTM's own shape
+    assert cpu_path(num_heads=12, hidden_size=240) == "dense"  # paper tiny: the expansion is cheap
+    assert cpu_path(num_heads=32, hidden_size=1600) == "loop"  # paper small: dense would do 32x the work
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_model_backends_agree(cell, dtype, tolerance):
+    ids = torch.randint(0, 64, (2, 23))
+    model = ZooRnnForCausalLM(small_config(cell=cell, num_hidden_layers=2)).to(dtype).eval()
+    outputs = {}
+    for backend in ("torch", "vanilla"):
+        model.config.backend = backend
+        for layer in model.model.layers:
+            layer.configured_backend = backend
+        outputs[backend] = model(ids, labels=ids)
+    torch_out, vanilla_out = outputs["torch"], outputs["vanilla"]
+    assert (torch_out.logits - vanilla_out.logits).abs().max() <= tolerance
+    assert abs(torch_out.loss.item() - vanilla_out.loss.item()) <= tolerance
+    for a, b in zip(torch_out.state, vanilla_out.state, strict=True):
+        assert (a - b).abs().max() <= tolerance
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_conversion_from_torch_rnn_matches(cell):
+    from hf_zoo_rnn.conversion import load_torch_rnn_weights
+
+    rnn_class = torch.nn.LSTM if cell == "lstm" else torch.nn.GRU
+    rnn = rnn_class(16, 24, num_layers=2, batch_first=True).double()
+    model = ZooRnnModel(small_config(cell=cell, num_heads=1, head_dim=24, num_hidden_layers=2)).double()
+    load_torch_rnn_weights(model, rnn)
+    x = torch.randn(3, 13, 16, dtype=torch.float64)
+    expected, _ = rnn(x)
+    assert (model(inputs_embeds=x).last_hidden_state - expected).abs().max() <= 1e-10
+
+
+def test_conversion_rejects_mismatched_shapes():
+    from hf_zoo_rnn.conversion import load_torch_rnn_weights
+
+    model = ZooRnnModel(small_config(cell="lstm"))
+    with pytest.raises(ValueError, match="num_heads=1 and head_dim=24"):
+        load_torch_rnn_weights(model, torch.nn.LSTM(16, 24))
+    with pytest.raises(ValueError, match="rnn is GRU but config.cell is 'lstm'"):
+        load_torch_rnn_weights(model, torch.nn.GRU(16, 24))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_chunked_and_token_by_token_equal_full_run(cell):
+    ids = torch.randint(0, 64, (2, 31))
+    whole = ZooRnnForCausalLM(small_config(cell=cell, chunk_size=1000, num_hidden_layers=2)).double().eval()
+    chunked = ZooRnnForCausalLM(small_config(cell=cell, chunk_size=4, num_hidden_layers=2)).double().eval()
+    chunked.load_state_dict(whole.state_dict())
+    full = whole(ids, labels=ids)
+    split = chunked(ids, labels=ids)
+    assert (full.logits - split.logits).abs().max() <= 1e-12
+    assert abs(full.loss.item() - split.loss.item()) <= 1e-12
+
+    state, step_logits = None, []
+    for t in range(ids.shape[1]):
+        out = whole(ids[:, t : t + 1], state=state)
+        state = out.state
+        step_logits.append(out.logits)
+    assert (torch.cat(step_logits, dim=1) - full.logits).abs().max() <= 1e-12
+    for a, b in zip(state, full.state, strict=True):
+        assert (a - b).abs().max() <= 1e-12
+
+
+def test_loss_counts_every_target_and_logits_to_keep_bounds_output():
+    model = ZooRnnForCausalLM(small_config(chunk_size=4)).double().eval()
+    ids = torch.randint(0, 64, (2, 17))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    full = model(ids, labels=labels)
+    reference = torch.nn.functional.cross_entropy(full.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    assert abs(full.loss.item() - reference.item()) <= 1e-12
+    last_only = model(ids, labels=labels, logits_to_keep=1)
+    assert last_only.logits.shape == (2, 1, 64)
+    assert last_only.loss.item() == full.loss.item()
+    assert torch.equal(last_only.logits, full.logits[:, -1:])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_generate_with_cache_equals_without(cell):
+    model = ZooRnnForCausalLM(small_config(cell=cell, num_hidden_layers=2)).eval()
+    prompt = torch.randint(0, 64, (2, 7))
+    cached = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 19)
+    assert torch.equal(cached, uncached)
+    # and both equal a hand-written greedy loop
+    sequence = prompt
+    for _ in range(12):
+        next_token = model(sequence).logits[:, -1].argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, next_token], dim=1)
+    assert torch.equal(cached, sequence)
+
+
+def test_beam_search_and_sampling_run():
+    model = ZooRnnForCausalLM(small_config()).eval()
+    prompt = torch.randint(0, 64, (2, 5))
+    beams = model.generate(prompt, max_new_tokens=6, num_beams=4, num_return_sequences=3, do_sample=False)
+    assert beams.shape == (6, 11)
+    assert torch.equal(beams[:, :5], prompt.repeat_interleave(3, dim=0))
+    torch.manual_seed(1)
+    first = model.generate(prompt, max_new_tokens=6, do_sample=True, top_k=10)
+    torch.manual_seed(1)
+    second = model.generate(prompt, max_new_tokens=6, do_sample=True, top_k=10)
+    assert torch.equal(first, second)
+
+
+def test_padded_attention_mask_is_rejected():
+    model = ZooRnnForCausalLM(small_config()).eval()
+    ids = torch.randint(0, 64, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="cannot skip padded positions"):
+        model(ids, attention_mask=mask)
+
+
+def test_save_and_from_pretrained_give_identical_logits(tmp_path):
+    model = ZooRnnForCausalLM(small_config(cell="gru", layer_norm=True)).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "zoo_rnn"
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_zoo_rnn.ZooRnnForCausalLM"
+    assert (tmp_path / "modeling_zoo_rnn.py").is_file() and (tmp_path / "configuration_zoo_rnn.py").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, ZooRnnForCausalLM)
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_tied_embeddings_share_storage_and_survive_save(tmp_path):
+    config = small_config(embedding_size=24, tie_word_embeddings=True, residual=True, layer_norm=True)
+    model = ZooRnnForCausalLM(config)
+    assert model.lm_head.weight.data_ptr() == model.model.embeddings.weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    loaded = ZooRnnForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embeddings.weight.data_ptr()
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_auto_classes_and_pipeline(bpe_tokenizer):
+    config = AutoConfig.for_model("zoo_rnn", vocab_size=len(bpe_tokenizer), embedding_size=16, num_heads=2, head_dim=8)
+    assert isinstance(config, ZooRnnConfig)
+    assert isinstance(AutoModel.from_config(config), ZooRnnModel)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert isinstance(model, ZooRnnForCausalLM)
+    generator = pipeline("text-generation", model=model, tokenizer=bpe_tokenizer)
+    result = generator("Licensed under the", max_new_tokens=8, do_sample=False)
+    text = result[0]["generated_text"]
+    assert text.startswith("Licensed under the") and len(text) > len("Licensed under the")
+
+
+def test_bfloat16_forward_is_finite_and_close_to_float32():
+    model = ZooRnnForCausalLM(small_config(num_hidden_layers=2)).eval()
+    ids = torch.randint(0, 64, (2, 20))
+    reference = model(ids, labels=ids)
+    low = model.to(torch.bfloat16)(ids, labels=ids)
+    assert low.logits.dtype == torch.bfloat16
+    assert torch.isfinite(low.logits).all()
+    assert abs(low.loss.item() - reference.loss.item()) < 0.05
+
+
+def test_explicit_backend_that_cannot_run_fails_clearly():
+    model = ZooRnnForCausalLM(small_config(backend="cuda_fused"))
+    with pytest.raises(ValueError, match="backend='cuda_fused' runs on CUDA only"):
+        model(torch.randint(0, 64, (1, 4)))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"cell": "rnn"}, "cell must be one of"),
+        ({"num_heads": 0}, "num_heads must be a positive integer"),
+        ({"backend": "fast"}, "backend must be one of"),
+        ({"residual": True}, "residual needs embedding_size == hidden_size"),
+        ({"tie_word_embeddings": True}, "tie_word_embeddings needs embedding_size == hidden_size"),
+    ],
+)
+def test_invalid_config_names_the_field(overrides, message):
+    with pytest.raises(Exception, match=message):
+        small_config(**overrides)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize(
+    "backend,dtype,tolerance", [("cuda", torch.float32, 1e-4), ("cuda_fused", torch.bfloat16, 5e-2)]
+)
+def test_flashrnn_cuda_matches_cpu(cell, backend, dtype, tolerance):
+    config = small_config(cell=cell, num_heads=2, head_dim=64, embedding_size=32, chunk_size=16)
+    model = ZooRnnForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (8, 40))
+    with torch.no_grad():
+        reference = model(ids).logits
+        gpu = ZooRnnForCausalLM(small_config(**{**config.to_diff_dict(), "backend": backend}))
+        gpu.load_state_dict(model.state_dict())
+        logits = gpu.to("cuda", dtype).eval()(ids.cuda()).logits.float().cpu()
+    assert (logits - reference).abs().max() <= tolerance
