@@ -1,0 +1,306 @@
+"""ZOOptimizer: one CD-RGE step = evaluate K probes (possibly split over processes), gather 2K scalars, and
+apply the same update on every process by regenerating each z from its seed.
+
+Memory (d = number of parameters, b = bytes per weight):
+  sgd       d*b    backup of theta (exact restore)
+  momentum  + 4d   fp32 velocity
+  adam      + 8d   fp32 first and second moments
+  (buffers and update arithmetic are fp32, or fp64 for fp64 weights)
+  update_mode="buffer" adds 8d (the current probe's fp32 z and this process's fp32 sum of g_i z_i) and in
+  exchange generates each z once per step instead of three times.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+from .estimator import DIFFERENCES, finite_probes, probe_coefficients, projected_gradients, reported_loss
+from .noise import DISTRIBUTIONS, stream_seed
+from .perturb import Perturber, compute_dtype, zo_parameters
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+UPDATE_MODES = ("replay", "buffer")
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+@dataclass
+class ZOConfig:
+    """Settings of the zero-order optimiser (the `zo_` arguments of the trainer map onto these)."""
+
+    num_probes: int = field(default=16, metadata={"help": "probes K per step (split evenly over processes)"})
+    eps: float = field(default=1e-2, metadata={"help": "perturbation size epsilon"})
+    lr: float | None = field(default=None, metadata={"help": "learning rate; must be unset when tied=True"})
+    tied: bool = field(default=False, metadata={"help": "the paper's update: step = eps * g_hat (lr = eps)"})
+    difference: str = field(default="central", metadata={"help": "central (2K forwards) or forward (K + 1)"})
+    distribution: str = field(default="rademacher", metadata={"help": "rademacher or gaussian"})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd, momentum or adam"})
+    momentum: float = field(default=0.9, metadata={"help": "momentum coefficient (optimizer=momentum)"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (optimizer=adam)"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (optimizer=adam)"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam denominator epsilon"})
+    weight_decay: float = field(default=0.0, metadata={"help": "decoupled decay on matrices (ndim >= 2)"})
+    clip_projected_gradient: float | None = field(default=None, metadata={"help": "clamp each g_i to +-value"})
+    lr_schedule: str = field(default="constant", metadata={"help": "constant, constant_with_warmup, linear, cosine"})
+    eps_schedule: str = field(default="constant", metadata={"help": "schedule of eps (same choices)"})
+    warmup_steps: int = field(default=0, metadata={"help": "warm-up steps of both schedules"})
+    total_steps: int | None = field(default=None, metadata={"help": "horizon of linear/cosine schedules"})
+    update_mode: str = field(default="replay", metadata={"help": "replay (no extra memory) or buffer (faster)"})
+    max_chunk_elements: int = field(default=1 << 24, metadata={"help": "bound on temporary z per tensor piece"})
+    seed: int = field(default=0, metadata={"help": "run seed: with step and probe index it fixes every z"})
+
+    def __post_init__(self):
+        choices = {
+            "difference": DIFFERENCES,
+            "distribution": DISTRIBUTIONS,
+            "optimizer": OPTIMIZERS,
+            "update_mode": UPDATE_MODES,
+            "lr_schedule": SCHEDULES,
+            "eps_schedule": SCHEDULES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ZOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.tied and self.lr is not None:
+            raise ValueError("ZOConfig.lr must be unset when tied=True (the paper's update uses lr = eps)")
+        if not self.tied and self.lr is None:
+            raise ValueError("ZOConfig.lr is required unless tied=True")
+        if self.num_probes < 1 or self.max_chunk_elements < 1:
+            raise ValueError("ZOConfig.num_probes and max_chunk_elements must be positive")
+        if self.eps <= 0:
+            raise ValueError(f"ZOConfig.eps must be positive, got {self.eps}")
+        needs_horizon = {self.lr_schedule, self.eps_schedule} & {"linear", "cosine"}
+        if needs_horizon and self.total_steps is None:
+            raise ValueError(f"ZOConfig.total_steps is required by the {sorted(needs_horizon)} schedule")
+
+
+def schedule(name: str, warmup_steps: int, total_steps: int | None) -> Callable[[int], float]:
+    """Multiplier of step t, from transformers' own schedule functions."""
+    holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = get_scheduler(name, holder, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    return scheduler.lr_lambdas[0]
+
+
+@dataclass
+class ZOStepStats:
+    """What one step did. Losses are the mean perturbed loss (the paper's reported train loss)."""
+
+    step: int
+    loss: float
+    lr: float
+    eps: float
+    projected_grad_mean: float
+    projected_grad_std: float
+    snr: float
+    update_norm: float
+    forward_passes: int
+    dropped_probes: int
+    skipped: bool
+
+
+class ZOOptimizer:
+    """Zero-order CD-RGE optimiser over every parameter of `model`.
+
+    `step(loss_fn)` calls `loss_fn()` (which must return the scalar loss of the current parameters) once per
+    perturbed point, under `torch.inference_mode()`. With several processes pass `rank`, `world_size` and a
+    `gather` that concatenates each process's [k, 2] loss tensor in rank order (accelerate's `gather`).
+    """
+
+    def __init__(self, model: nn.Module, config: ZOConfig):
+        self.config = config
+        named = zo_parameters(model)
+        self.names = [name for name, _ in named]
+        self.params = [param for _, param in named]
+        self.perturber = Perturber(self.params, config.distribution, config.max_chunk_elements)
+        self.lr_multiplier = schedule(config.lr_schedule, config.warmup_steps, config.total_steps)
+        self.eps_multiplier = schedule(config.eps_schedule, config.warmup_steps, config.total_steps)
+        self.step_count = 0
+        self.buffers: dict[str, list[torch.Tensor]] = {}
+        moments = {"sgd": (), "momentum": ("velocity",), "adam": ("exp_avg", "exp_avg_sq")}[config.optimizer]
+        for name in moments:
+            self.buffers[name] = [torch.zeros(p.shape, dtype=compute_dtype(p), device=p.device) for p in self.params]
+
+    # -- schedules ------------------------------------------------------------------------------------------------
+
+    def current_eps(self) -> float:
+        return self.config.eps * self.eps_multiplier(self.step_count)
+
+    def current_lr(self) -> float:
+        if self.config.tied:
+            return self.current_eps()
+        return self.config.lr * self.lr_multiplier(self.step_count)
+
+    def streams(self, probe: int) -> list[int]:
+        return [stream_seed(self.config.seed, self.step_count, probe, index) for index in range(len(self.params))]
+
+    # -- the step -------------------------------------------------------------------------------------------------
+
+    def step(
+        self,
+        loss_fn: Callable[[], torch.Tensor],
+        rank: int = 0,
+        world_size: int = 1,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> ZOStepStats:
+        config = self.config
+        if config.num_probes % world_size:
+            raise ValueError(f"num_probes={config.num_probes} is not divisible by the {world_size} processes")
+        per_rank = config.num_probes // world_size
+        owned = range(rank * per_rank, (rank + 1) * per_rank)
+        eps, lr = self.current_eps(), self.current_lr()
+        use_buffer = config.update_mode == "buffer"
+
+        self.perturber.snapshot()
+        base = evaluate(loss_fn) if config.difference == "forward" else None
+        local = torch.empty(per_rank, 2, dtype=torch.float64)
+        partial = (
+            [torch.zeros(p.numel(), dtype=compute_dtype(p), device=p.device) for p in self.params]
+            if use_buffer
+            else None
+        )
+        for row, probe in enumerate(owned):
+            streams = self.streams(probe)
+            z_cache = (
+                [self.perturber.z(streams[i], i, 0, p.numel()) for i, p in enumerate(self.params)]
+                if use_buffer
+                else None
+            )
+            self.perturber.perturb(streams, eps, z_cache)
+            plus = evaluate(loss_fn)
+            if config.difference == "central":
+                self.perturber.perturb(streams, -eps, z_cache)
+                second = evaluate(loss_fn)
+            else:
+                second = base
+            self.perturber.restore()
+            local[row] = torch.tensor([plus, second], dtype=torch.float64)
+            if use_buffer:
+                coefficient, kept = probe_coefficients(
+                    local[row, :1], local[row, 1:], eps, config.difference, config.clip_projected_gradient
+                )
+                if kept:
+                    for acc, z in zip(partial, z_cache, strict=True):
+                        acc.add_(z, alpha=coefficient.item())
+        self.perturber.release()
+
+        losses = gather(local) if gather is not None else local
+        first, second = losses[:, 0], losses[:, 1]
+        coefficients, kept = probe_coefficients(first, second, eps, config.difference, config.clip_projected_gradient)
+        g = projected_gradient_values(first, second, eps, config.difference, kept)
+        update_norm = 0.0
+        if kept and (lr != 0 or config.weight_decay != 0):
+            update_norm = self.apply_update(coefficients, kept, lr, rank, per_rank, partial)
+        forward_passes = config.num_probes * (2 if config.difference == "central" else 1)
+        forward_passes += world_size if config.difference == "forward" else 0
+        stats = ZOStepStats(
+            step=self.step_count,
+            loss=reported_loss(first, second, config.difference),
+            lr=lr,
+            eps=eps,
+            projected_grad_mean=g.mean().item() if kept else float("nan"),
+            projected_grad_std=g.std().item() if kept > 1 else float("nan"),
+            snr=(g.mean().abs() / g.std()).item() if kept > 1 and g.std() > 0 else float("nan"),
+            update_norm=update_norm,
+            forward_passes=forward_passes,
+            dropped_probes=config.num_probes - kept,
+            skipped=kept == 0,
+        )
+        self.step_count += 1
+        return stats
+
+    @torch.no_grad()
+    def apply_update(self, coefficients, kept, lr, rank, per_rank, partial) -> float:
+        """theta <- theta - lr * direction(g_hat) (+ decoupled decay), piece by piece, identically on every rank.
+
+        g_hat = sum_i c_i z_i / kept is summed in a fixed order that does not depend on which rank evaluated
+        which probe: in replay mode probe by probe in global order; in buffer mode rank-partial by rank-partial
+        (each partial in probe order), using this rank's own buffer for its partial and replaying the others.
+        """
+        config = self.config
+        num_ranks = len(coefficients) // per_rank
+        squared_norm = 0.0
+        t = self.step_count + 1  # Adam's bias-correction step
+        for index, param in enumerate(self.params):
+            flat = param.view(-1)
+            for start, length in self.perturber.chunks(index):
+                g_hat = torch.zeros(length, dtype=compute_dtype(param), device=param.device)
+                if partial is None:
+                    self.replay_into(g_hat, range(len(coefficients)), coefficients, index, start, length)
+                else:
+                    for owner in range(num_ranks):
+                        if owner == rank:
+                            g_hat += partial[index][start : start + length]
+                        else:
+                            piece = torch.zeros_like(g_hat)
+                            probes = range(owner * per_rank, (owner + 1) * per_rank)
+                            self.replay_into(piece, probes, coefficients, index, start, length)
+                            g_hat += piece
+                g_hat /= kept
+                direction = self.direction(index, start, length, g_hat, t)
+                current = flat[start : start + length].to(g_hat.dtype)
+                step = direction.mul_(lr)
+                if config.weight_decay and param.ndim >= 2:
+                    step.add_(current, alpha=lr * config.weight_decay)
+                squared_norm += float(step.double().pow(2).sum())
+                flat[start : start + length] = (current - step).to(param.dtype)
+        return math.sqrt(squared_norm)
+
+    def replay_into(self, out, probes: Sequence[int], coefficients, index, start, length) -> None:
+        for probe in probes:
+            c = coefficients[probe].item()
+            if c != 0:
+                stream = stream_seed(self.config.seed, self.step_count, probe, index)
+                out.add_(self.perturber.z(stream, index, start, length), alpha=c)
+
+    def direction(self, index: int, start: int, length: int, g_hat: torch.Tensor, t: int) -> torch.Tensor:
+        """The optimiser's step direction for one piece (before multiplying by lr)."""
+        config = self.config
+        if config.optimizer == "sgd":
+            return g_hat
+        if config.optimizer == "momentum":
+            velocity = self.buffers["velocity"][index].view(-1)[start : start + length]
+            velocity.mul_(config.momentum).add_(g_hat)
+            return velocity.clone()
+        exp_avg = self.buffers["exp_avg"][index].view(-1)[start : start + length]
+        exp_avg_sq = self.buffers["exp_avg_sq"][index].view(-1)[start : start + length]
+        exp_avg.mul_(config.adam_beta1).add_(g_hat, alpha=1 - config.adam_beta1)
+        exp_avg_sq.mul_(config.adam_beta2).addcmul_(g_hat, g_hat, value=1 - config.adam_beta2)
+        corrected = exp_avg / (1 - config.adam_beta1**t)
+        denominator = (exp_avg_sq / (1 - config.adam_beta2**t)).sqrt_().add_(config.adam_epsilon)
+        return corrected.div_(denominator)
+
+    # -- checkpointing --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step_count,
+            "config": dataclasses.asdict(self.config),
+            "parameter_names": list(self.names),
+            "buffers": {name: [b.clone() for b in tensors] for name, tensors in self.buffers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["parameter_names"] != self.names:
+            raise ValueError("ZO optimizer state was saved for a model with different parameters")
+        saved_optimizer = state["config"]["optimizer"]
+        if saved_optimizer != self.config.optimizer:
+            raise ValueError(f"ZO optimizer state is for optimizer={saved_optimizer!r}, not {self.config.optimizer!r}")
+        self.step_count = int(state["step"])
+        for name, tensors in state["buffers"].items():
+            for target, source in zip(self.buffers[name], tensors, strict=True):
+                target.copy_(source)
+
+
+def evaluate(loss_fn: Callable[[], torch.Tensor]) -> float:
+    with torch.inference_mode():
+        return float(loss_fn())
+
+
+def projected_gradient_values(first, second, eps, difference, kept) -> torch.Tensor:
+    """The finite g_i (before clipping), for diagnostics."""
+    keep = finite_probes(first, second)
+    return projected_gradients(first[keep], second[keep], eps, difference) if kept else first.new_zeros(0)

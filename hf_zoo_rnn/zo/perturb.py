@@ -1,0 +1,82 @@
+"""Perturb a model's parameters to theta + s * eps * z in place, and restore them bit for bit.
+
+Why a backup: rounding makes theta -> fl(theta + eps * z) many-to-one (bits of theta are lost whenever the sum
+changes exponent, and most of them when |theta| < eps), so no in-place +eps / -2eps / +eps chain can return to
+theta exactly; the paper's code drifts every probe in bf16. Here each perturbed point is computed afresh from a
+copy of theta taken once per step, and restoring is a copy back: exact in every dtype, for one extra copy of the
+weights in their own dtype (bf16 weights: half the bytes of an fp32 copy).
+
+Tensors are visited in chunks of at most `max_chunk_elements`, so the temporary z of a 1B-element tensor stays
+bounded; z itself does not depend on the chunking (see noise.py).
+"""
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .noise import noise
+
+
+def zo_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The tensors ZO perturbs: every parameter once (tied weights are one tensor, so they move once),
+    in the model's registration order, which fixes each tensor's index in the seed scheme."""
+    return [(name, param) for name, param in model.named_parameters(remove_duplicate=True)]
+
+
+def compute_dtype(param: torch.Tensor) -> torch.dtype:
+    """Perturbations and updates are computed in at least fp32 (fp64 weights stay fp64)."""
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+def chunk_ranges(numel: int, max_chunk_elements: int) -> Iterator[tuple[int, int]]:
+    """(start, length) pieces covering [0, numel)."""
+    for start in range(0, numel, max_chunk_elements):
+        yield start, min(max_chunk_elements, numel - start)
+
+
+class Perturber:
+    """Owns the backup of theta and moves the parameters to theta + scale * z(seed) and back."""
+
+    def __init__(self, params: list[torch.Tensor], distribution: str, max_chunk_elements: int):
+        for param in params:
+            if not param.is_contiguous():
+                raise ValueError("ZO perturbation needs contiguous parameters")
+        self.params = params
+        self.distribution = distribution
+        self.max_chunk_elements = max_chunk_elements
+        self.backups: list[torch.Tensor] | None = None
+
+    def chunks(self, tensor_index: int) -> Iterator[tuple[int, int]]:
+        return chunk_ranges(self.params[tensor_index].numel(), self.max_chunk_elements)
+
+    def z(self, stream: int, tensor_index: int, start: int, length: int) -> torch.Tensor:
+        return noise(stream, start, length, self.distribution, self.params[tensor_index].device)
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Remember theta (call once per step, before the first probe)."""
+        self.backups = [param.detach().clone() for param in self.params]
+
+    @torch.no_grad()
+    def perturb(self, streams: list[int], scale: float, z_cache: list[torch.Tensor] | None = None) -> None:
+        """theta <- backup + scale * z, z from one stream seed per tensor (or from `z_cache` when given)."""
+        for index, (param, backup) in enumerate(zip(self.params, self.backups, strict=True)):
+            flat, source = param.view(-1), backup.view(-1)
+            for start, length in self.chunks(index):
+                if z_cache is not None:
+                    z = z_cache[index][start : start + length]
+                else:
+                    z = self.z(streams[index], index, start, length)
+                # out-of-place: .to() of a tensor already in that dtype is the tensor itself, and the backup must not move
+                piece = torch.add(source[start : start + length].to(compute_dtype(param)), z, alpha=scale)
+                flat[start : start + length] = piece.to(param.dtype)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """theta <- backup, bit for bit."""
+        for param, backup in zip(self.params, self.backups, strict=True):
+            param.copy_(backup)
+
+    def release(self) -> None:
+        self.backups = None

@@ -1,0 +1,411 @@
+"""The zero-order engine: seeds and z, exact perturbation, the estimator, optimisers and their state."""
+
+import math
+import threading
+
+import pytest
+import torch
+from conftest import small_config
+from torch import nn
+
+from hf_zoo_rnn import ZooRnnForCausalLM
+from hf_zoo_rnn.zo import Perturber, ZOConfig, ZOOptimizer, noise, stream_seed, zo_parameters
+from hf_zoo_rnn.zo.estimator import probe_coefficients, projected_gradients, reported_loss
+from hf_zoo_rnn.zo.noise import splitmix64
+
+
+def tiny_lm(dtype=torch.float32, seed=0, **overrides):
+    """The same small LSTM LM on every call (for a given seed)."""
+    torch.manual_seed(seed)
+    config = small_config(vocab_size=12, embedding_size=8, num_heads=2, head_dim=8, **overrides)
+    return ZooRnnForCausalLM(config).to(dtype).eval().requires_grad_(False)
+
+
+def lm_loss(model, ids):
+    return lambda: model(ids, labels=ids, logits_to_keep=1).loss
+
+
+def snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def bitwise_equal(a, b):
+    return all(
+        x.dtype == y.dtype and torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(a, b, strict=True)
+    )
+
+
+# -- seeds and z ------------------------------------------------------------------------------------------------------
+
+
+def test_noise_matches_a_pure_python_splitmix64():
+    stream = stream_seed(run_seed=7, step=3, probe=5, tensor_index=2)
+    z = noise(stream, start=100, length=50)
+    for j in range(100, 150):
+        bits = splitmix64(stream + (j + 1) * 0x9E3779B97F4A7C15)
+        assert z[j - 100].item() == (-1.0 if bits >> 63 else 1.0)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_chunked_generation_equals_whole_tensor_generation(distribution):
+    stream = stream_seed(0, 1, 2, 3)
+    whole = noise(stream, 0, 1000, distribution)
+    pieces = torch.cat([noise(stream, start, min(137, 1000 - start), distribution) for start in range(0, 1000, 137)])
+    assert torch.equal(whole, pieces)
+
+
+def test_distributions_have_the_right_moments():
+    rademacher = noise(stream_seed(0, 0, 0, 0), 0, 200_000)
+    assert set(rademacher.unique().tolist()) == {-1.0, 1.0}
+    assert abs(rademacher.mean().item()) < 0.01
+    gaussian = noise(stream_seed(0, 0, 0, 0), 0, 200_000, "gaussian")
+    assert abs(gaussian.mean().item()) < 0.01 and abs(gaussian.std().item() - 1) < 0.01
+    assert abs(((gaussian**4).mean() - 3).item()) < 0.1  # kurtosis of a normal, not of a uniform
+
+
+def test_seeds_are_distinct_across_steps_probes_and_tensors():
+    seeds = {stream_seed(11, step, probe, tensor) for step in range(40) for probe in range(40) for tensor in range(12)}
+    assert len(seeds) == 40 * 40 * 12
+    assert stream_seed(11, 0, 0, 0) != stream_seed(12, 0, 0, 0)
+    # neighbouring triples give unrelated directions
+    a, b = noise(stream_seed(1, 0, 0, 0), 0, 10_000), noise(stream_seed(1, 0, 1, 0), 0, 10_000)
+    assert abs((a * b).mean().item()) < 0.05
+
+
+def test_seed_scheme_refuses_counters_it_cannot_pack():
+    with pytest.raises(ValueError, match="probe index 1048576 is outside"):
+        stream_seed(0, 0, 1 << 20, 0)
+    with pytest.raises(ValueError, match="tensor index 4096 is outside"):
+        stream_seed(0, 0, 0, 1 << 12)
+
+
+# -- perturbation -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_perturb_and_restore_is_bitwise_exact(dtype):
+    model = tiny_lm(dtype)
+    before = snapshot(model)
+    perturber = Perturber([p for _, p in zo_parameters(model)], "gaussian", max_chunk_elements=50)
+    perturber.snapshot()
+    for probe in range(5):
+        streams = [stream_seed(0, 0, probe, i) for i in range(len(perturber.params))]
+        perturber.perturb(streams, 0.01)
+        assert not bitwise_equal(snapshot(model), before)
+        perturber.perturb(streams, -0.01)
+        perturber.restore()
+    assert bitwise_equal(snapshot(model), before)
+
+
+def test_the_papers_in_place_chain_drifts_in_bf16():
+    """Why the backup exists: +eps, -2eps, +eps in place does not return to theta in low precision."""
+    theta = torch.randn(10_000).to(torch.bfloat16)
+    z = noise(stream_seed(0, 0, 0, 0), 0, 10_000).to(torch.bfloat16)
+    chained = theta.clone()
+    chained += 0.01 * z
+    chained -= 0.02 * z
+    chained += 0.01 * z
+    assert not torch.equal(chained, theta)
+
+
+def test_tied_parameters_are_perturbed_once():
+    model = ZooRnnForCausalLM(small_config(embedding_size=24, tie_word_embeddings=True, residual=True))
+    names = [name for name, _ in zo_parameters(model)]
+    assert "model.embeddings.weight" in names and "lm_head.weight" not in names
+    assert len(names) == len({id(p) for p in model.parameters()})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lr_zero_leaves_parameters_bitwise_unchanged(dtype):
+    model = tiny_lm(dtype)
+    ids = torch.randint(0, 12, (4, 10))
+    before = snapshot(model)
+    optimizer = ZOOptimizer(model, ZOConfig(num_probes=6, eps=0.05, lr=0.0))
+    for _ in range(3):
+        stats = optimizer.step(lm_loss(model, ids))
+    assert stats.forward_passes == 12 and stats.update_norm == 0.0
+    assert bitwise_equal(snapshot(model), before)
+
+
+def test_chunk_size_does_not_change_the_step():
+    ids = torch.randint(0, 12, (4, 10))
+    results = []
+    for chunk in (13, 1 << 24):
+        model = tiny_lm()
+        optimizer = ZOOptimizer(model, ZOConfig(num_probes=4, lr=0.1, max_chunk_elements=chunk))
+        optimizer.step(lm_loss(model, ids))
+        results.append(snapshot(model))
+    assert bitwise_equal(*results)
+
+
+# -- estimator --------------------------------------------------------------------------------------------------------
+
+
+def test_projected_gradients_and_coefficients():
+    plus, minus = torch.tensor([3.0, 1.0, float("nan")]), torch.tensor([1.0, 2.0, 0.0])
+    assert torch.allclose(
+        projected_gradients(plus, minus, 0.5, "central"), torch.tensor([2.0, -1.0, float("nan")]), equal_nan=True
+    )
+    assert torch.allclose(
+        projected_gradients(plus, minus, 0.5, "forward"), torch.tensor([4.0, -2.0, float("nan")]), equal_nan=True
+    )
+    coefficients, kept = probe_coefficients(plus, minus, 0.5, "central", clip=1.5)
+    assert kept == 2 and coefficients.tolist() == [1.5, -1.0, 0.0]
+    assert reported_loss(plus, minus, "central") == pytest.approx(1.75)
+
+
+class Quadratic(nn.Module):
+    def __init__(self, dim=8):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        a = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+        self.register_buffer("A", a @ a.T / dim + torch.eye(dim, dtype=torch.float64))
+        self.register_buffer("b", torch.randn(dim, generator=generator, dtype=torch.float64))
+        self.theta = nn.Parameter(torch.randn(dim, generator=generator, dtype=torch.float64), requires_grad=False)
+
+    def forward(self):
+        return 0.5 * self.theta @ self.A @ self.theta + self.b @ self.theta
+
+    def gradient(self):
+        return self.A @ self.theta + self.b
+
+
+def zo_gradient_estimate(model, loss_fn, **config) -> torch.Tensor:
+    """g_hat read off one plain SGD step with lr = 1: theta_before - theta_after."""
+    before = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    ZOOptimizer(model, ZOConfig(lr=1.0, **config)).step(loss_fn)
+    after = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    return before - after
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_estimate_is_unbiased_on_a_quadratic(distribution):
+    model = Quadratic()
+    true_gradient = model.gradient().detach().clone()
+    estimates = []
+    for seed in range(64):
+        fresh = Quadratic()
+        estimates.append(
+            zo_gradient_estimate(fresh, fresh, num_probes=64, eps=1e-3, seed=seed, distribution=distribution)
+        )
+    mean = torch.stack(estimates).mean(0)
+    assert (mean - true_gradient).norm() / true_gradient.norm() < 0.05
+    # a single small-K estimate is far noisier than the mean: the test is about bias, not luck
+    assert (estimates[0] - true_gradient).norm() > 2 * (mean - true_gradient).norm()
+
+
+def test_estimate_aligns_with_autograd_as_probes_grow():
+    ids = torch.randint(0, 12, (8, 12))
+    model = tiny_lm(torch.float64)
+    model.requires_grad_(True)
+    loss = model(ids, labels=ids).loss
+    true_gradient = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
+    model.requires_grad_(False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cosines = {}
+    for probes in (8, 64, 512):
+        model.load_state_dict(state)
+        estimate = zo_gradient_estimate(model, lm_loss(model, ids), num_probes=probes, eps=1e-4)
+        cosines[probes] = torch.nn.functional.cosine_similarity(estimate, true_gradient, dim=0).item()
+    dim = true_gradient.numel()
+    # E[cos] ~ sqrt(K / (K + d)) for Rademacher probes on a smooth loss
+    for probes, cosine in cosines.items():
+        assert 0.5 * math.sqrt(probes / (probes + dim)) < cosine < 2 * math.sqrt(probes / (probes + dim))
+    assert cosines[8] < cosines[64] < cosines[512]
+
+
+def test_tied_mode_is_the_papers_update():
+    """theta <- theta - (1/n) sum_i ((L+_i - L-_i) / 2) z_i, with no division by eps."""
+    ids = torch.randint(0, 12, (4, 10))
+    model = tiny_lm(torch.float64)
+    params = [p for _, p in zo_parameters(model)]
+    theta = [p.detach().clone() for p in params]
+    eps, probes, seed = 0.05, 3, 9
+    expected = [t.clone() for t in theta]
+    for probe in range(probes):
+        zs = [noise(stream_seed(seed, 0, probe, i), 0, p.numel()).double().view_as(p) for i, p in enumerate(params)]
+        losses = []
+        for sign in (1, -1):
+            for p, t, z in zip(params, theta, zs, strict=True):
+                p.copy_(t + sign * eps * z)
+            losses.append(lm_loss(model, ids)().item())
+        for e, z in zip(expected, zs, strict=True):
+            e -= (losses[0] - losses[1]) / 2 * z / probes
+    for p, t in zip(params, theta, strict=True):
+        p.copy_(t)
+    ZOOptimizer(model, ZOConfig(num_probes=probes, eps=eps, tied=True, seed=seed)).step(lm_loss(model, ids))
+    for p, e in zip(params, expected, strict=True):
+        assert (p - e).abs().max() < 1e-12
+
+
+# -- robustness -------------------------------------------------------------------------------------------------------
+
+
+def test_nan_probes_are_dropped_and_all_nan_skips_the_step():
+    ids = torch.randint(0, 12, (4, 10))
+    model = tiny_lm()
+    calls = {"n": 0}
+
+    def loss_with_a_bad_probe():
+        calls["n"] += 1
+        loss = lm_loss(model, ids)()
+        return torch.tensor(float("nan")) if calls["n"] == 3 else loss  # probe 1, plus side
+
+    before = snapshot(model)
+    stats = ZOOptimizer(model, ZOConfig(num_probes=4, lr=0.1)).step(loss_with_a_bad_probe)
+    assert stats.dropped_probes == 1 and not stats.skipped and math.isfinite(stats.loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not bitwise_equal(snapshot(model), before)
+
+    before = snapshot(model)
+    stats = ZOOptimizer(model, ZOConfig(num_probes=4, lr=0.1)).step(lambda: torch.tensor(float("inf")))
+    assert stats.skipped and stats.dropped_probes == 4
+    assert bitwise_equal(snapshot(model), before)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_state_dict_round_trip_continues_identically(optimizer):
+    ids = torch.randint(0, 12, (4, 10))
+    config = ZOConfig(
+        num_probes=4, lr=0.05, optimizer=optimizer, weight_decay=0.01, lr_schedule="cosine", total_steps=10
+    )
+    model = tiny_lm()
+    zo = ZOOptimizer(model, config)
+    for _ in range(3):
+        zo.step(lm_loss(model, ids))
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_zo = zo.state_dict()
+    for _ in range(2):
+        zo.step(lm_loss(model, ids))
+    uninterrupted = snapshot(model)
+
+    resumed = tiny_lm()
+    resumed.load_state_dict(saved_model)
+    resumed_zo = ZOOptimizer(resumed, config)
+    resumed_zo.load_state_dict(saved_zo)
+    for _ in range(2):
+        resumed_zo.step(lm_loss(resumed, ids))
+    assert bitwise_equal(snapshot(resumed), uninterrupted)
+
+
+def test_momentum_and_adam_really_change_the_update():
+    ids = torch.randint(0, 12, (4, 10))
+    finals = {}
+    for optimizer in ("sgd", "momentum", "adam"):
+        model = tiny_lm()
+        zo = ZOOptimizer(model, ZOConfig(num_probes=4, lr=0.01, optimizer=optimizer))
+        for _ in range(3):
+            zo.step(lm_loss(model, ids))
+        finals[optimizer] = snapshot(model)
+    assert not bitwise_equal(finals["sgd"], finals["momentum"])
+    assert not bitwise_equal(finals["sgd"], finals["adam"])
+
+
+def test_schedules_move_lr_and_eps():
+    zo = ZOOptimizer(
+        tiny_lm(),
+        ZOConfig(lr=1.0, eps=0.1, lr_schedule="linear", eps_schedule="cosine", warmup_steps=2, total_steps=10),
+    )
+    assert zo.current_lr() == 0.0
+    zo.step_count = 2
+    assert zo.current_lr() == pytest.approx(1.0) and zo.current_eps() == pytest.approx(0.1)
+    zo.step_count = 6
+    assert zo.current_lr() == pytest.approx(0.5) and zo.current_eps() == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"lr": 0.1, "tied": True}, "lr must be unset when tied=True"),
+        ({}, "lr is required unless tied=True"),
+        ({"lr": 0.1, "optimizer": "lion"}, "optimizer must be one of"),
+        ({"lr": 0.1, "lr_schedule": "cosine"}, "total_steps is required"),
+        ({"lr": 0.1, "eps": 0}, "eps must be positive"),
+    ],
+)
+def test_invalid_zo_config_is_rejected_clearly(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ZOConfig(**kwargs)
+
+
+# -- update modes and distribution --------------------------------------------------------------------------------
+
+
+def test_buffer_mode_equals_replay_mode_in_one_process():
+    ids = torch.randint(0, 12, (4, 10))
+    finals = []
+    for mode in ("replay", "buffer"):
+        model = tiny_lm()
+        zo = ZOOptimizer(model, ZOConfig(num_probes=5, lr=0.1, update_mode=mode))
+        for _ in range(2):
+            zo.step(lm_loss(model, ids))
+        finals.append(snapshot(model))
+    assert bitwise_equal(*finals)
+
+
+def run_ranks(world_size, probes, mode, ids, steps=2):
+    """world_size threads, each a replica with its own optimizer, exchanging only loss scalars."""
+    barrier = threading.Barrier(world_size)
+    slots: list = [None] * world_size
+    models = [tiny_lm() for _ in range(world_size)]
+
+    def gather_for(rank):
+        def gather(local):
+            slots[rank] = local
+            barrier.wait()
+            gathered = torch.cat(slots)
+            barrier.wait()
+            return gathered
+
+        return gather
+
+    def worker(rank):
+        zo = ZOOptimizer(models[rank], ZOConfig(num_probes=probes, lr=0.1, update_mode=mode))
+        for _ in range(steps):
+            zo.step(lm_loss(models[rank], ids), rank=rank, world_size=world_size, gather=gather_for(rank))
+
+    threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [snapshot(model) for model in models]
+
+
+@pytest.mark.parametrize("mode", ["replay", "buffer"])
+def test_split_probes_give_identical_replicas_and_match_one_process(mode):
+    ids = torch.randint(0, 12, (4, 10))
+    torch.set_num_threads(1)  # the same arithmetic in every replica's forward
+    try:
+        (single,) = run_ranks(1, 8, mode, ids)
+        first, second = run_ranks(2, 8, mode, ids)
+    finally:
+        torch.set_num_threads(2)
+    assert bitwise_equal(first, second)  # every rank holds the same weights
+    if mode == "replay":
+        assert bitwise_equal(first, single)  # same sums in the same order: bitwise
+    else:
+        # buffer mode sums per-rank partials, a different fp32 association than one process
+        assert all((a - b).abs().max() < 1e-6 for a, b in zip(first, single, strict=True))
+
+
+def test_probes_must_divide_over_processes():
+    model = tiny_lm()
+    with pytest.raises(ValueError, match="num_probes=5 is not divisible by the 2 processes"):
+        ZOOptimizer(model, ZOConfig(num_probes=5, lr=0.1)).step(lambda: torch.tensor(0.0), rank=0, world_size=2)
+
+
+def test_lstm_lm_overfits_one_batch_with_zo_alone():
+    """The paper's overfitting setting scaled to CPU: one fixed batch, forward passes only, loss below 0.1."""
+    config = small_config(vocab_size=12, embedding_size=16, num_heads=2, head_dim=16, chunk_size=16)
+    model = ZooRnnForCausalLM(config).eval().requires_grad_(False)
+    ids = torch.randint(0, 12, (4, 10))
+    loss_fn = lm_loss(model, ids)
+    start = loss_fn().item()
+    zo = ZOOptimizer(model, ZOConfig(num_probes=16, lr=0.05, eps=0.01, optimizer="adam"))
+    for _ in range(400):
+        zo.step(loss_fn)
+        if loss_fn().item() < 0.1:
+            break
+    assert start > 2.0
+    assert loss_fn().item() < 0.1
