@@ -1,4 +1,4 @@
-# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Two commands do all set-up on a fresh machine: `make train` and `make test`.
 # torch is installed first and pinned: an unpinned torch resolved alongside the rest can pull a multi-GB CUDA build
 # (on a GPU machine install the CUDA build of torch into .venv first; the pin then finds it already there).
 PYTHON ?= python3
@@ -12,8 +12,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-.PHONY: install demo test lint
+.PHONY: install train demo test lint
 install: $(VENV)/.installed
+
+# The embedded default run: the built-in corpus, ZO on 1 CPU process (about 7 minutes on 2 cores).
+train: install
+	$(BIN)/accelerate launch --config_file configs/accelerate/cpu-1.yaml scripts/train.py
 
 demo: install
 	$(BIN)/python scripts/demo.py

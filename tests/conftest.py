@@ -1,8 +1,10 @@
 """Shared fixtures. The suite never touches the real Hub: offline mode and a private HF_HOME are set before any
 HuggingFace library is imported (they read the environment at import time)."""
 
+import json
 import os
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_zoo_rnn_tests_hf_home_"))
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -39,3 +41,19 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = ROOT / "tests" / "tiny_model.yaml"
+# trainer arguments small enough for CI: 2 x 32-token blocks, 4 probes, a 300-token BPE trained on 50K characters
+FAST_TRAINING = [
+    "--model_config", str(TINY_MODEL), "--batch_size", "2", "--context_length", "32", "--num_probes", "4",
+    "--tokenizer_vocab_size", "300", "--tokenizer_sample_chars", "50000", "--eval_batches", "1",
+    "--logging_steps", "1", "--checksum_steps", "1",
+]  # fmt: skip
+
+
+def train_losses(output_dir: Path) -> list[float]:
+    """The train loss of every logged step of a finished run."""
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [record["train_loss"] for record in map(json.loads, lines) if "train_loss" in record]

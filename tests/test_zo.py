@@ -267,7 +267,7 @@ def test_nan_probes_are_dropped_and_all_nan_skips_the_step():
 def test_state_dict_round_trip_continues_identically(optimizer):
     ids = torch.randint(0, 12, (4, 10))
     config = ZOConfig(
-        num_probes=4, lr=0.05, optimizer=optimizer, weight_decay=0.01, lr_schedule="cosine", total_steps=10
+        num_probes=4, lr=0.05, update_rule=optimizer, weight_decay=0.01, lr_schedule="cosine", total_steps=10
     )
     model = tiny_lm()
     zo = ZOOptimizer(model, config)
@@ -293,7 +293,7 @@ def test_momentum_and_adam_really_change_the_update():
     finals = {}
     for optimizer in ("sgd", "momentum", "adam"):
         model = tiny_lm()
-        zo = ZOOptimizer(model, ZOConfig(num_probes=4, lr=0.01, optimizer=optimizer))
+        zo = ZOOptimizer(model, ZOConfig(num_probes=4, lr=0.01, update_rule=optimizer))
         for _ in range(3):
             zo.step(lm_loss(model, ids))
         finals[optimizer] = snapshot(model)
@@ -302,25 +302,24 @@ def test_momentum_and_adam_really_change_the_update():
 
 
 def test_schedules_move_lr_and_eps():
-    zo = ZOOptimizer(
-        tiny_lm(),
-        ZOConfig(lr=1.0, eps=0.1, lr_schedule="linear", eps_schedule="cosine", warmup_steps=2, total_steps=10),
-    )
-    assert zo.current_lr() == 0.0
+    config = ZOConfig(lr=1.0, eps=0.1, lr_schedule="linear", eps_schedule="cosine", warmup_steps=2, total_steps=10)
+    zo = ZOOptimizer(tiny_lm(), config)
+    assert zo.current_lr() == 0.0 and zo.current_eps() == pytest.approx(0.1)  # warm-up is for lr only
     zo.step_count = 2
-    assert zo.current_lr() == pytest.approx(1.0) and zo.current_eps() == pytest.approx(0.1)
+    assert zo.current_lr() == pytest.approx(1.0)
+    zo.step_count = 5
+    assert zo.current_eps() == pytest.approx(0.05)
     zo.step_count = 6
-    assert zo.current_lr() == pytest.approx(0.5) and zo.current_eps() == pytest.approx(0.05)
+    assert zo.current_lr() == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize(
     "kwargs,message",
     [
         ({"lr": 0.1, "tied": True}, "lr must be unset when tied=True"),
-        ({}, "lr is required unless tied=True"),
-        ({"lr": 0.1, "optimizer": "lion"}, "optimizer must be one of"),
-        ({"lr": 0.1, "lr_schedule": "cosine"}, "total_steps is required"),
+        ({"lr": 0.1, "update_rule": "lion"}, "update_rule must be one of"),
         ({"lr": 0.1, "eps": 0}, "eps must be positive"),
+        ({"lr": 0.1, "eps_schedule": "constant_with_warmup"}, "eps_schedule must be one of"),
     ],
 )
 def test_invalid_zo_config_is_rejected_clearly(kwargs, message):
@@ -389,6 +388,13 @@ def test_split_probes_give_identical_replicas_and_match_one_process(mode):
         assert all((a - b).abs().max() < 1e-6 for a, b in zip(first, single, strict=True))
 
 
+def test_incomplete_config_is_rejected_when_the_optimizer_is_built():
+    with pytest.raises(ValueError, match="lr is required unless tied=True"):
+        ZOOptimizer(tiny_lm(), ZOConfig())
+    with pytest.raises(ValueError, match=r"total_steps is required by the \['cosine'\] schedule"):
+        ZOOptimizer(tiny_lm(), ZOConfig(lr=0.1, eps_schedule="cosine"))
+
+
 def test_probes_must_divide_over_processes():
     model = tiny_lm()
     with pytest.raises(ValueError, match="num_probes=5 is not divisible by the 2 processes"):
@@ -402,7 +408,7 @@ def test_lstm_lm_overfits_one_batch_with_zo_alone():
     ids = torch.randint(0, 12, (4, 10))
     loss_fn = lm_loss(model, ids)
     start = loss_fn().item()
-    zo = ZOOptimizer(model, ZOConfig(num_probes=16, lr=0.05, eps=0.01, optimizer="adam"))
+    zo = ZOOptimizer(model, ZOConfig(num_probes=16, lr=0.05, eps=0.01, update_rule="adam"))
     for _ in range(400):
         zo.step(loss_fn)
         if loss_fn().item() < 0.1:

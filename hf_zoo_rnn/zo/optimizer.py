@@ -23,9 +23,10 @@ from .estimator import DIFFERENCES, finite_probes, probe_coefficients, projected
 from .noise import DISTRIBUTIONS, stream_seed
 from .perturb import Perturber, compute_dtype, zo_parameters
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
+UPDATE_RULES = ("sgd", "momentum", "adam")
 UPDATE_MODES = ("replay", "buffer")
-SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+EPS_SCHEDULES = ("constant", "linear", "cosine")  # no warm-up: eps = 0 would divide the difference by zero
 
 
 @dataclass
@@ -38,17 +39,19 @@ class ZOConfig:
     tied: bool = field(default=False, metadata={"help": "the paper's update: step = eps * g_hat (lr = eps)"})
     difference: str = field(default="central", metadata={"help": "central (2K forwards) or forward (K + 1)"})
     distribution: str = field(default="rademacher", metadata={"help": "rademacher or gaussian"})
-    optimizer: str = field(default="sgd", metadata={"help": "sgd, momentum or adam"})
-    momentum: float = field(default=0.9, metadata={"help": "momentum coefficient (optimizer=momentum)"})
-    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (optimizer=adam)"})
-    adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (optimizer=adam)"})
+    update_rule: str = field(default="sgd", metadata={"help": "sgd, momentum or adam"})
+    momentum: float = field(default=0.9, metadata={"help": "momentum coefficient (update_rule=momentum)"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1 (update_rule=adam)"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2 (update_rule=adam)"})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam denominator epsilon"})
     weight_decay: float = field(default=0.0, metadata={"help": "decoupled decay on matrices (ndim >= 2)"})
     clip_projected_gradient: float | None = field(default=None, metadata={"help": "clamp each g_i to +-value"})
     lr_schedule: str = field(default="constant", metadata={"help": "constant, constant_with_warmup, linear, cosine"})
-    eps_schedule: str = field(default="constant", metadata={"help": "schedule of eps (same choices)"})
-    warmup_steps: int = field(default=0, metadata={"help": "warm-up steps of both schedules"})
-    total_steps: int | None = field(default=None, metadata={"help": "horizon of linear/cosine schedules"})
+    eps_schedule: str = field(default="constant", metadata={"help": "schedule of eps: constant, linear, cosine"})
+    warmup_steps: int = field(default=0, metadata={"help": "warm-up steps of the lr schedule"})
+    total_steps: int | None = field(
+        default=None, metadata={"help": "horizon of linear/cosine schedules (the trainer uses max_steps)"}
+    )
     update_mode: str = field(default="replay", metadata={"help": "replay (no extra memory) or buffer (faster)"})
     max_chunk_elements: int = field(default=1 << 24, metadata={"help": "bound on temporary z per tensor piece"})
     seed: int = field(default=0, metadata={"help": "run seed: with step and probe index it fixes every z"})
@@ -57,25 +60,20 @@ class ZOConfig:
         choices = {
             "difference": DIFFERENCES,
             "distribution": DISTRIBUTIONS,
-            "optimizer": OPTIMIZERS,
+            "update_rule": UPDATE_RULES,
             "update_mode": UPDATE_MODES,
-            "lr_schedule": SCHEDULES,
-            "eps_schedule": SCHEDULES,
+            "lr_schedule": LR_SCHEDULES,
+            "eps_schedule": EPS_SCHEDULES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ZOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.tied and self.lr is not None:
             raise ValueError("ZOConfig.lr must be unset when tied=True (the paper's update uses lr = eps)")
-        if not self.tied and self.lr is None:
-            raise ValueError("ZOConfig.lr is required unless tied=True")
         if self.num_probes < 1 or self.max_chunk_elements < 1:
             raise ValueError("ZOConfig.num_probes and max_chunk_elements must be positive")
         if self.eps <= 0:
             raise ValueError(f"ZOConfig.eps must be positive, got {self.eps}")
-        needs_horizon = {self.lr_schedule, self.eps_schedule} & {"linear", "cosine"}
-        if needs_horizon and self.total_steps is None:
-            raise ValueError(f"ZOConfig.total_steps is required by the {sorted(needs_horizon)} schedule")
 
 
 def schedule(name: str, warmup_steps: int, total_steps: int | None) -> Callable[[int], float]:
@@ -111,16 +109,21 @@ class ZOOptimizer:
     """
 
     def __init__(self, model: nn.Module, config: ZOConfig):
+        if not config.tied and config.lr is None:
+            raise ValueError("ZOConfig.lr is required unless tied=True")
+        needs_horizon = {config.lr_schedule, config.eps_schedule} & {"linear", "cosine"}
+        if needs_horizon and config.total_steps is None:
+            raise ValueError(f"ZOConfig.total_steps is required by the {sorted(needs_horizon)} schedule")
         self.config = config
         named = zo_parameters(model)
         self.names = [name for name, _ in named]
         self.params = [param for _, param in named]
         self.perturber = Perturber(self.params, config.distribution, config.max_chunk_elements)
         self.lr_multiplier = schedule(config.lr_schedule, config.warmup_steps, config.total_steps)
-        self.eps_multiplier = schedule(config.eps_schedule, config.warmup_steps, config.total_steps)
+        self.eps_multiplier = schedule(config.eps_schedule, 0, config.total_steps)
         self.step_count = 0
         self.buffers: dict[str, list[torch.Tensor]] = {}
-        moments = {"sgd": (), "momentum": ("velocity",), "adam": ("exp_avg", "exp_avg_sq")}[config.optimizer]
+        moments = {"sgd": (), "momentum": ("velocity",), "adam": ("exp_avg", "exp_avg_sq")}[config.update_rule]
         for name in moments:
             self.buffers[name] = [torch.zeros(p.shape, dtype=compute_dtype(p), device=p.device) for p in self.params]
 
@@ -259,9 +262,9 @@ class ZOOptimizer:
     def direction(self, index: int, start: int, length: int, g_hat: torch.Tensor, t: int) -> torch.Tensor:
         """The optimiser's step direction for one piece (before multiplying by lr)."""
         config = self.config
-        if config.optimizer == "sgd":
+        if config.update_rule == "sgd":
             return g_hat
-        if config.optimizer == "momentum":
+        if config.update_rule == "momentum":
             velocity = self.buffers["velocity"][index].view(-1)[start : start + length]
             velocity.mul_(config.momentum).add_(g_hat)
             return velocity.clone()
@@ -286,9 +289,9 @@ class ZOOptimizer:
     def load_state_dict(self, state: dict) -> None:
         if state["parameter_names"] != self.names:
             raise ValueError("ZO optimizer state was saved for a model with different parameters")
-        saved_optimizer = state["config"]["optimizer"]
-        if saved_optimizer != self.config.optimizer:
-            raise ValueError(f"ZO optimizer state is for optimizer={saved_optimizer!r}, not {self.config.optimizer!r}")
+        saved_rule = state["config"]["update_rule"]
+        if saved_rule != self.config.update_rule:
+            raise ValueError(f"ZO optimizer state is for update_rule={saved_rule!r}, not {self.config.update_rule!r}")
         self.step_count = int(state["step"])
         for name, tensors in state["buffers"].items():
             for target, source in zip(self.buffers[name], tensors, strict=True):

@@ -1,0 +1,57 @@
+"""Tokenizers: a byte-level BPE trained with `tokenizers` on a sample of the stream, or a character vocabulary."""
+
+import string
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+END_OF_TEXT = "<|endoftext|>"
+PAD = "<|pad|>"
+
+
+def wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END_OF_TEXT, pad_token=PAD)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, sample_chars: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE on the first `sample_chars` characters of `texts` (end-of-text and pad are specials)."""
+    sample, seen = [], 0
+    for text in texts:
+        sample.append(text[: sample_chars - seen])
+        seen += len(sample[-1])
+        if seen >= sample_chars:
+            break
+    if seen == 0:
+        raise ValueError("cannot train a tokenizer: the training data is empty")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(sample, trainer=trainer)
+    return wrap(tokenizer)
+
+
+def char_tokenizer(alphabet: str = string.printable) -> PreTrainedTokenizerFast:
+    """One token per character of `alphabet` (the paper's 100 printable characters) plus end-of-text and pad,
+    which get their own ids (the paper's code let pad collide with the character '0')."""
+    vocab = {char: index for index, char in enumerate(dict.fromkeys(alphabet))}
+    vocab[END_OF_TEXT], vocab[PAD] = len(vocab), len(vocab) + 1
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return wrap(tokenizer)
+
+
+def build_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, sample_chars: int) -> PreTrainedTokenizerFast:
+    """`bpe` (trained here), `char`, or a path / Hub name loaded with AutoTokenizer."""
+    if kind == "bpe":
+        return train_bpe(texts, vocab_size, sample_chars)
+    if kind == "char":
+        return char_tokenizer()
+    return AutoTokenizer.from_pretrained(kind)

@@ -1,0 +1,33 @@
+"""Evaluation shared by the trainer and scripts/evaluate.py: clean loss / perplexity, and task exact match."""
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from ..data import TaskStream, exact_match
+
+
+@torch.inference_mode()
+def language_model_metrics(model, batches: Iterable, max_batches: int) -> dict:
+    """Mean clean loss over up to `max_batches` batches (input_ids, or (input_ids, labels)) and its perplexity."""
+    loss_sum, count = 0.0, 0
+    for batch in batches:
+        if count == max_batches:
+            break
+        input_ids, labels = batch if isinstance(batch, tuple) else (batch, batch)
+        loss_sum += model(input_ids.to(model.device), labels=labels.to(model.device), logits_to_keep=1).loss.item()
+        count += 1
+    if not count:
+        return {}
+    loss = loss_sum / count
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))}
+
+
+def task_metrics(model, tokenizer, task: str, max_train_length: int, seed: int, examples: int = 16) -> dict:
+    """Exact match at training lengths and at the longer, out-of-distribution validation lengths."""
+    results = {}
+    for name, validation in (("in_distribution", False), ("out_of_distribution", True)):
+        stream = TaskStream(task, tokenizer, examples, max_train_length, seed, validation)
+        results[f"exact_match_{name}"] = exact_match(model, tokenizer, stream.examples(0))
+    return results

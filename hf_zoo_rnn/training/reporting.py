@@ -1,0 +1,58 @@
+"""What a finished run leaves for people: a loss-curve PNG and a model card."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from huggingface_hub import ModelCard, ModelCardData  # noqa: E402
+
+TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "zoo_rnn.md"
+
+
+def plot_loss_curve(history: list[dict], path: Path) -> None:
+    train = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train (mean perturbed loss)")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="o", label="validation (clean loss)")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="hf_zoo_rnn training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_model_card(output_dir: Path, model, trainer, final_metrics: dict) -> ModelCard:
+    config = model.config
+    zo = trainer.zo_config
+    data = trainer.data_args
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        license="apache-2.0",
+        tags=["custom_code", config.cell, "zeroth-order", "flashrnn", "hf_zoo_rnn"],
+        datasets=None if data.task or data.dataset == "kjv" else [data.dataset],
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        cell=config.cell.upper(),
+        parameters=f"{model.num_parameters():,}",
+        config=config,
+        optimizer=trainer.train_args.optimizer,
+        zo=zo,
+        data_name=f"task {data.task}"
+        if data.task
+        else ("the King James Bible (built in)" if data.dataset == "kjv" else data.dataset),
+        counters=trainer.counters,
+        world_size=trainer.world_size,
+        metrics={k: f"{v:.4f}" for k, v in final_metrics.items()},
+        peak_memory_mb=f"{max((r.get('peak_memory_mb', 0) for r in trainer.history), default=0):.0f}",
+        device=str(trainer.accelerator.device),
+    )
+    card.save(output_dir / "README.md")
+    return card

@@ -1,0 +1,420 @@
+"""ZooTrainer: the training loop behind `accelerate launch scripts/train.py`.
+
+Zero-order (default): every process holds the full model, evaluates its share of the K probes on the same batch
+(or its own with per_rank_batches), all-gathers only the 2K loss scalars, and applies the identical update.
+No parameter crosses the wire; a parameter checksum compared every `checksum_steps` proves the replicas agree.
+BPTT baselines (bptt_sgd / bptt_adamw) train the same model on the same data with truncated backprop.
+"""
+
+import dataclasses
+import hashlib
+import json
+import pickle
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..config_files import load_model_config, model_config_from_dict
+from ..configuration_zoo_rnn import ZooRnnConfig
+from ..data import PackedStream, TaskStream, build_tokenizer, documents, open_text_source
+from ..modeling_zoo_rnn import IGNORE_INDEX, ZooRnnForCausalLM
+from ..zo import ZOConfig, ZOOptimizer
+from .arguments import DataArguments, ModelArguments, TrainArguments
+from .checkpoints import CheckpointError, latest_checkpoint, prune_checkpoints, write_atomically
+from .evaluation import language_model_metrics, task_metrics
+from .reporting import plot_loss_curve, write_model_card
+
+DEFAULT_MODEL = {"cell": "lstm", "embedding_size": 128, "num_heads": 4, "head_dim": 64, "num_hidden_layers": 1}
+
+
+class ReplicaMismatchError(RuntimeError):
+    """Processes hold different weights: the run cannot continue."""
+
+
+class ZooTrainer:
+    def __init__(
+        self, model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments, zo_config: ZOConfig
+    ):
+        self.model_args, self.data_args, self.train_args, self.zo_config = model_args, data_args, train_args, zo_config
+        self.output_dir = Path(train_args.output_dir)
+        self.trackers = [] if train_args.log_with == "none" else train_args.log_with.split(",")
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(), log_with=self.trackers or None, project_dir=str(self.output_dir)
+        )
+        self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self.is_zo = train_args.optimizer == "zo"
+        self.history: list[dict] = []
+        self.counters = {"step": 0, "forward_passes": 0, "tokens": 0, "comm_bytes": 0}
+        self.first_batch = None  # fixed_batch: a fresh stream's first batch, so a resumed run reads the same one
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        set_seed(self.zo_config.seed)
+        self.resume_dir = self.resolve_resume()
+        self.tokenizer = self.load_tokenizer()
+        self.model = self.load_model()
+        self.train_stream = self.make_stream(validation=False)
+        if self.is_zo:
+            self.model.eval().requires_grad_(False)
+            if self.zo_config.total_steps is None:  # schedules span the run, as in transformers' Trainer
+                self.zo_config.total_steps = self.train_args.max_steps
+            self.zo = ZOOptimizer(self.model, self.zo_config)
+        else:
+            self.model.train()
+            optimizer_class = torch.optim.SGD if self.train_args.optimizer == "bptt_sgd" else torch.optim.AdamW
+            options = {"betas": (0.99, 0.999)} if optimizer_class is torch.optim.AdamW else {}  # the paper's betas
+            self.optimizer = optimizer_class(self.model.parameters(), lr=self.train_args.bptt_lr, **options)
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        if self.resume_dir is not None:
+            self.load_training_state(self.resume_dir)
+        self.train_iterator = iter(self.train_stream)
+
+    def resolve_resume(self) -> Path | None:
+        choice = self.train_args.resume_from_checkpoint
+        if choice is None:
+            return None
+        path = latest_checkpoint(self.output_dir) if choice == "latest" else Path(choice)
+        if path is None:
+            raise CheckpointError(f"resume_from_checkpoint='latest' but {self.output_dir} holds no checkpoint")
+        if not (path / "trainer_state.json").is_file():
+            raise CheckpointError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+        return path
+
+    def load_tokenizer(self):
+        source = self.resume_dir or self.model_args.init_from
+        if source is not None:
+            return AutoTokenizer.from_pretrained(source)
+        data = self.data_args
+        kind = "char" if data.task and data.tokenizer == "bpe" else data.tokenizer  # tasks are character level
+        tokenizer_dir = self.output_dir / "tokenizer"
+        with self.accelerator.main_process_first():  # the main process trains and saves, the others load it
+            if self.accelerator.is_main_process:
+                texts = () if kind != "bpe" else documents(self.text_source(validation=False))
+                build_tokenizer(kind, texts, data.tokenizer_vocab_size, data.tokenizer_sample_chars).save_pretrained(
+                    tokenizer_dir
+                )
+            return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def model_config(self) -> ZooRnnConfig:
+        values = dict(DEFAULT_MODEL)
+        source = "the default model"
+        if self.model_args.model_config:
+            config = load_model_config(self.model_args.model_config)
+            values, source = config.to_diff_dict(), self.model_args.model_config
+            values.pop("model_type", None)
+            values.pop("transformers_version", None)
+        values.update(
+            vocab_size=len(self.tokenizer),
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            bos_token_id=self.tokenizer.eos_token_id,
+        )
+        return model_config_from_dict(values, source)
+
+    def load_model(self) -> ZooRnnForCausalLM:
+        name = self.model_args.dtype
+        if name == "auto":  # bf16 halves GPU memory; on CPU bf16 matmuls are ~2x slower than fp32
+            name = "bfloat16" if self.accelerator.device.type == "cuda" else "float32"
+        dtype = getattr(torch, name)
+        expected = self.model_config() if self.model_args.init_from is None else None
+        source = self.resume_dir or self.model_args.init_from
+        if source is not None:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            except (OSError, ValueError, RuntimeError) as error:
+                raise CheckpointError(f"cannot load the model from {source}: {error}") from error
+            if len(self.tokenizer) != model.config.vocab_size:
+                raise CheckpointError(
+                    f"{source}: tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}"
+                )
+            if expected is not None:
+                check_same_architecture(expected, model.config, source)
+        else:
+            model = ZooRnnForCausalLM(expected).to(dtype)  # every process builds it from the same seed
+        return model.to(self.accelerator.device)
+
+    def text_source(self, validation: bool):
+        data = self.data_args
+        return open_text_source(
+            data.dataset, "validation" if validation else "train", data.text_column, data.document_column
+        )
+
+    def make_stream(self, validation: bool):
+        data = self.data_args
+        if data.task:
+            return TaskStream(
+                data.task, self.tokenizer, data.batch_size, data.task_max_length, self.zo_config.seed, validation
+            )
+        split = data.per_rank_batches and not validation
+        return PackedStream(
+            self.text_source(validation),
+            self.tokenizer,
+            data.context_length,
+            data.batch_size,
+            rank=self.rank if split else 0,
+            world_size=self.world_size if split else 1,
+        )
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        self.setup()
+        args = self.train_args
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.trackers:
+            self.accelerator.init_trackers("hf_zoo_rnn", config=flat_config(self))
+        progress = tqdm(
+            total=args.max_steps, initial=self.counters["step"], disable=not self.accelerator.is_local_main_process
+        )
+        started = time.perf_counter()
+        while self.counters["step"] < args.max_steps:
+            input_ids, labels = self.next_batch()
+            step_started = time.perf_counter()
+            metrics = self.zo_step(input_ids, labels) if self.is_zo else self.bptt_step(input_ids, labels)
+            self.counters["step"] += 1
+            self.counters["tokens"] += input_ids.numel() * (self.world_size if self.data_args.per_rank_batches else 1)
+            step = self.counters["step"]
+            metrics.update(
+                step_seconds=time.perf_counter() - step_started,
+                tokens=self.counters["tokens"],
+                forward_passes=self.counters["forward_passes"],
+                comm_bytes=self.counters["comm_bytes"],
+                peak_memory_mb=peak_memory_mb(self.accelerator.device),
+            )
+            self.maybe_grow_curriculum(metrics["train_loss"])
+            if args.checksum_steps and step % args.checksum_steps == 0:
+                self.check_replicas()
+            if args.eval_steps and step % args.eval_steps == 0:
+                metrics.update(self.evaluate())
+            if step % args.logging_steps == 0 or step == args.max_steps:
+                self.log(metrics)
+            if args.save_steps and step % args.save_steps == 0 and step < args.max_steps:
+                self.save_checkpoint()
+            progress.update(1)
+            progress.set_postfix(
+                loss=f"{metrics['train_loss']:.3f}", tok_s=f"{input_ids.numel() / metrics['step_seconds']:.0f}"
+            )
+        progress.close()
+        final = self.evaluate()
+        final["train_seconds"] = time.perf_counter() - started
+        self.log({**final, "step": self.counters["step"]})
+        self.check_replicas()
+        self.save_checkpoint()
+        self.save_final_model(final)
+        return final  # the script calls accelerator.end_training(): it also tears down the process group
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.data_args.fixed_batch and self.first_batch is not None:
+            return self.first_batch
+        batch = next(self.train_iterator, None)
+        if batch is None:  # one pass over the data is done: start the next epoch from the beginning
+            self.train_stream = self.make_stream(validation=False)
+            self.train_iterator = iter(self.train_stream)
+            batch = next(self.train_iterator, None)
+            if batch is None:
+                raise ValueError(
+                    f"the training data {self.data_args.dataset!r} yields no full batch "
+                    f"of {self.data_args.batch_size} x {self.data_args.context_length} tokens"
+                )
+        input_ids, labels = batch if isinstance(batch, tuple) else (batch, batch)
+        batch = input_ids.to(self.accelerator.device), labels.to(self.accelerator.device)
+        if self.data_args.fixed_batch:
+            self.first_batch = batch
+        return batch
+
+    def zo_step(self, input_ids, labels) -> dict:
+        model = self.model
+
+        def loss_fn():
+            return model(input_ids, labels=labels, logits_to_keep=1).loss
+
+        stats = self.zo.step(loss_fn, rank=self.rank, world_size=self.world_size, gather=self.accelerator.gather)
+        self.counters["forward_passes"] += stats.forward_passes
+        # per step each process sends its k = K / world_size pairs of float64 losses and receives all 2K
+        self.counters["comm_bytes"] += 0 if self.world_size == 1 else 2 * 8 * self.zo_config.num_probes
+        return {
+            "train_loss": stats.loss,
+            "lr": stats.lr,
+            "eps": stats.eps,
+            "projected_grad_mean": stats.projected_grad_mean,
+            "projected_grad_std": stats.projected_grad_std,
+            "snr": stats.snr,
+            "update_norm": stats.update_norm,
+            "dropped_probes": stats.dropped_probes,
+            "skipped_step": int(stats.skipped),
+        }
+
+    def bptt_step(self, input_ids, labels) -> dict:
+        """Truncated BPTT: backward per segment with the state detached between segments, one optimizer step."""
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        count = int((targets != IGNORE_INDEX).sum())
+        segment = self.train_args.bptt_truncation or self.accelerator.unwrap_model(self.model).config.chunk_size
+        self.optimizer.zero_grad()
+        state, total = None, 0.0
+        for start in range(0, input_ids.shape[1], segment):
+            out = self.model(input_ids[:, start : start + segment], state=state, use_cache=True)
+            state = tuple(s.detach() for s in out.state)
+            loss = F.cross_entropy(
+                out.logits.float().flatten(0, 1),
+                targets[:, start : start + segment].flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            ) / max(count, 1)
+            self.accelerator.backward(loss)
+            total += loss.item()
+        self.optimizer.step()
+        self.counters["forward_passes"] += 1
+        return {"train_loss": total, "lr": self.train_args.bptt_lr}
+
+    def maybe_grow_curriculum(self, train_loss: float) -> None:
+        data = self.data_args
+        if data.task and data.curriculum_threshold is not None and train_loss < data.curriculum_threshold:
+            self.train_stream.max_train_length = min(self.train_stream.max_train_length + 1, data.curriculum_max_length)
+
+    # -- evaluation, replicas, logging ------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        results = language_model_metrics(model, self.make_stream(validation=True), self.data_args.eval_batches)
+        if self.data_args.task:
+            results.update(
+                task_metrics(
+                    model, self.tokenizer, self.data_args.task, self.data_args.task_max_length, self.zo_config.seed + 1
+                )
+            )
+        model.train(was_training)
+        return results
+
+    def check_replicas(self) -> None:
+        if self.world_size == 1:
+            return
+        digest = parameter_checksum(self.accelerator.unwrap_model(self.model))
+        mine = torch.tensor([int.from_bytes(digest[:7], "little")], dtype=torch.int64, device=self.accelerator.device)
+        everyone = self.accelerator.gather(mine)
+        self.counters["comm_bytes"] += 8 * self.world_size
+        if not bool((everyone == everyone[0]).all()):
+            raise ReplicaMismatchError(
+                f"step {self.counters['step']}: processes hold different weights (checksums {everyone.tolist()}); stopping"
+            )
+
+    def log(self, metrics: dict) -> None:
+        record = {"step": self.counters["step"], **{k: v for k, v in metrics.items() if isinstance(v, int | float)}}
+        self.history.append(record)
+        self.accelerator.log(record, step=self.counters["step"])
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        step = self.counters["step"]
+        target = self.output_dir / f"checkpoint-{step}"
+        model = self.accelerator.unwrap_model(self.model)
+        optimizer_state = self.zo.state_dict() if self.is_zo else self.optimizer.state_dict()
+
+        def write(folder: Path) -> None:
+            # per process: its data position and RNG; main process: the model, tokenizer and shared state
+            torch.save(
+                {"data": self.train_stream.state_dict(), "rng": torch.get_rng_state()},
+                folder / f"process_{self.rank}.pt",
+            )
+            if self.accelerator.is_main_process:
+                model.save_pretrained(folder)
+                self.tokenizer.save_pretrained(folder)
+                torch.save(optimizer_state, folder / "optimizer.pt")
+                state = {"counters": self.counters, "history": self.history, "world_size": self.world_size}
+                (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
+
+        write_atomically(target, write, self.accelerator)
+        if self.accelerator.is_main_process:
+            prune_checkpoints(self.output_dir, self.train_args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+        return target
+
+    def load_training_state(self, folder: Path) -> None:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        if state["world_size"] != self.world_size and self.data_args.per_rank_batches:
+            raise CheckpointError(
+                f"{folder} was written by {state['world_size']} processes with per_rank_batches; resume with the same number"
+            )
+        self.counters, self.history = state["counters"], state["history"]
+        process_file = folder / f"process_{self.rank if state['world_size'] == self.world_size else 0}.pt"
+        try:
+            process_state = torch.load(process_file, weights_only=False)
+            optimizer_state = torch.load(
+                folder / "optimizer.pt", weights_only=False, map_location=self.accelerator.device
+            )
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+            raise CheckpointError(f"{folder} is corrupt or incomplete: {error}") from error
+        if not self.data_args.fixed_batch:
+            self.train_stream.load_state_dict(process_state["data"])
+        torch.set_rng_state(process_state["rng"])
+        if self.is_zo:
+            self.zo.load_state_dict(optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
+
+    def save_final_model(self, final_metrics: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained(self.output_dir)
+        self.tokenizer.save_pretrained(self.output_dir)
+        plot_loss_curve(self.history, self.output_dir / "loss_curve.png")
+        write_model_card(self.output_dir, model, self, final_metrics)
+
+
+def check_same_architecture(expected: ZooRnnConfig, found: ZooRnnConfig, source) -> None:
+    fields = (
+        "cell",
+        "vocab_size",
+        "embedding_size",
+        "num_heads",
+        "head_dim",
+        "num_hidden_layers",
+        "layer_norm",
+        "residual",
+    )
+    differing = [
+        f"{name}: requested {getattr(expected, name)}, checkpoint {getattr(found, name)}"
+        for name in fields
+        if getattr(expected, name) != getattr(found, name)
+    ]
+    if differing:
+        raise CheckpointError(f"{source} holds a different model than requested ({'; '.join(differing)})")
+
+
+def parameter_checksum(model: torch.nn.Module) -> bytes:
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.digest()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def flat_config(trainer: ZooTrainer) -> dict:
+    values = {}
+    for args in (trainer.model_args, trainer.data_args, trainer.train_args, trainer.zo_config):
+        for key, value in dataclasses.asdict(args).items():
+            values[key] = value if isinstance(value, int | float | str | bool) else str(value)
+    values["world_size"] = trainer.world_size
+    return values

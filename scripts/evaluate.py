@@ -1,0 +1,50 @@
+"""Evaluate a trained model (folder or Hub repo): perplexity on a text dataset, or exact match on a paper task.
+
+    python scripts/evaluate.py --model outputs/default [--dataset kjv --split validation --batches 8]
+    python scripts/evaluate.py --model outputs/copy --task copy [--task_max_length 10]
+Prints one JSON line of metrics.
+"""
+
+import json
+from dataclasses import dataclass, field
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+
+import hf_zoo_rnn  # noqa: F401  (registers the Auto classes)
+from hf_zoo_rnn.data import PackedStream, open_text_source
+from hf_zoo_rnn.training.evaluation import language_model_metrics, task_metrics
+
+
+@dataclass
+class EvaluateArguments:
+    model: str = field(metadata={"help": "trained folder or Hub repo id"})
+    dataset: str = field(default="kjv", metadata={"help": "kjv, a local file, or a Hub dataset"})
+    split: str = field(default="validation", metadata={"help": "train or validation"})
+    text_column: str = field(default="text", metadata={"help": "column holding the text"})
+    context_length: int = field(default=128, metadata={"help": "tokens per block"})
+    batch_size: int = field(default=8, metadata={"help": "blocks per batch"})
+    batches: int = field(default=8, metadata={"help": "batches to average"})
+    task: str | None = field(default=None, metadata={"help": "evaluate exact match on this paper task instead"})
+    task_max_length: int = field(default=10, metadata={"help": "the L the model was trained with"})
+    examples: int = field(default=64, metadata={"help": "task examples per length regime"})
+
+
+def main() -> None:
+    (args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
+    if args.task:
+        metrics = task_metrics(model, tokenizer, args.task, args.task_max_length, seed=12345, examples=args.examples)
+    else:
+        stream = PackedStream(
+            open_text_source(args.dataset, args.split, args.text_column),
+            tokenizer,
+            args.context_length,
+            args.batch_size,
+        )
+        metrics = language_model_metrics(model, stream, args.batches)
+    print(json.dumps({"model": args.model, **metrics}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""The trainer: the default run end to end, resume after SIGKILL, BPTT baseline, and every bad-input error."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from conftest import FAST_TRAINING, ROOT, TINY_MODEL, train_losses
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_zoo_rnn.config_files import ConfigFileError
+from hf_zoo_rnn.training import CheckpointError, ZooTrainer, parse_arguments
+
+
+def run(argv: list[str]) -> dict:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return ZooTrainer(*parse_arguments(argv)).train()
+
+
+def fast_args(output_dir, *extra) -> list[str]:
+    return ["--output_dir", str(output_dir), *FAST_TRAINING, *extra]
+
+
+def test_default_run_leaves_a_loadable_model_card_logs_and_curve(tmp_path):
+    out = tmp_path / "run"
+    final = run(fast_args(out, "--max_steps", "4", "--save_steps", "2", "--eval_steps", "2"))
+    assert "eval_loss" in final and final["eval_loss"] > 0
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "README.md",
+        "loss_curve.png",
+        "metrics.jsonl",
+        "modeling_zoo_rnn.py",
+    ):
+        assert (out / name).is_file(), name
+    assert any(out.glob("hf_zoo_rnn/events.out.tfevents*")), "no TensorBoard events"
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]
+    assert records[-2]["forward_passes"] == 4 * 2 * 4 and records[-2]["tokens"] == 4 * 64
+    card = (out / "README.md").read_text()
+    assert "zeroth-order" in card and "probes per step | 4" in card
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("In the beginning", return_tensors="pt").input_ids
+    assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
+
+
+def test_zo_loss_falls_on_the_bible(tmp_path):
+    run(fast_args(tmp_path, "--max_steps", "60", "--eval_steps", "0", "--save_steps", "0", "--lr", "0.05"))
+    losses = train_losses(tmp_path)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
+
+
+def test_bptt_baseline_reduces_loss(tmp_path):
+    final = run(
+        fast_args(
+            tmp_path,
+            "--optimizer",
+            "bptt_adamw",
+            "--bptt_lr",
+            "0.01",
+            "--max_steps",
+            "20",
+            "--eval_steps",
+            "0",
+            "--save_steps",
+            "0",
+            "--bptt_truncation",
+            "8",
+        )
+    )
+    losses = train_losses(tmp_path)
+    assert losses[-1] < losses[0] - 0.5
+    assert final["eval_loss"] < losses[0]
+
+
+def test_task_training_reports_exact_match(tmp_path):
+    final = run(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--task",
+            "copy",
+            "--model_config",
+            str(TINY_MODEL),
+            "--batch_size",
+            "4",
+            "--num_probes",
+            "2",
+            "--max_steps",
+            "2",
+            "--eval_steps",
+            "0",
+            "--save_steps",
+            "0",
+            "--eval_batches",
+            "1",
+        ]
+    )
+    assert 0.0 <= final["exact_match_in_distribution"] <= 1.0 and 0.0 <= final["exact_match_out_of_distribution"] <= 1.0
+
+
+def final_weights(folder: Path) -> dict:
+    return load_file(folder / "model.safetensors")
+
+
+def test_sigkill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    args = [
+        *FAST_TRAINING,
+        "--max_steps",
+        "40",
+        "--save_steps",
+        "2",
+        "--eval_steps",
+        "0",
+        "--log_with",
+        "none",
+        "--save_total_limit",
+        "50",
+    ]
+    command = [sys.executable, str(ROOT / "scripts" / "train.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*command, "--output_dir", str(tmp_path / "whole"), *args], check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [*command, "--output_dir", str(killed), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while not (killed / "checkpoint-4").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model.safetensors").exists(), "the run finished before it could be killed"
+    subprocess.run(
+        [*command, "--output_dir", str(killed), *args, "--resume_from_checkpoint", "latest"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    whole, resumed = final_weights(tmp_path / "whole"), final_weights(killed)
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_bad_inputs_give_one_clear_error_and_keep_what_was_written(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("max_steps: 3\nlearning_rat: 0.1\n")
+    with pytest.raises(ConfigFileError, match=r"train\.yaml: unknown key\(s\) \['learning_rat'\]"):
+        parse_arguments(["--config", str(config)])
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        parse_arguments(["--optimizer", "sgd"])
+    with pytest.raises(Exception, match="data file not found"):
+        run(fast_args(tmp_path / "a", "--dataset", str(tmp_path / "missing.txt"), "--max_steps", "1"))
+
+    out = tmp_path / "run"
+    run(fast_args(out, "--max_steps", "2", "--save_steps", "1", "--eval_steps", "0"))
+    with pytest.raises(CheckpointError, match="holds a different model than requested"):
+        run(
+            fast_args(out, "--max_steps", "3", "--resume_from_checkpoint", "latest")
+            + ["--model_config", str(ROOT / "configs/model/tiny.yaml")]
+        )
+    checkpoint = out / "checkpoint-2"
+    (checkpoint / "optimizer.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt or incomplete"):
+        run(fast_args(out, "--max_steps", "3", "--resume_from_checkpoint", str(checkpoint)))
+    assert (checkpoint / "model.safetensors").is_file() and (out / "checkpoint-1").is_dir()
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        run(fast_args(tmp_path / "empty", "--max_steps", "1", "--resume_from_checkpoint", "latest"))
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_training_config_parses(config):
+    model_args, data_args, train_args, zo_config = parse_arguments(["--config", str(config)])
+    assert train_args.output_dir.startswith("outputs/")
+    if model_args.model_config:
+        assert (ROOT / model_args.model_config).is_file()
+
+
+def test_cli_overrides_the_config_file(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("max_steps: 7\nnum_probes: 8\n")
+    _, _, train_args, zo_config = parse_arguments(["--config", str(config), "--max_steps", "3"])
+    assert train_args.max_steps == 3 and zo_config.num_probes == 8
+
+
+def test_fixed_batch_overfits_and_generate_evaluate_scripts_run(tmp_path):
+    out = tmp_path / "copy"
+    final = run(
+        [
+            "--output_dir",
+            str(out),
+            "--task",
+            "copy",
+            "--model_config",
+            str(TINY_MODEL),
+            "--fixed_batch",
+            "--batch_size",
+            "4",
+            "--task_max_length",
+            "4",
+            "--num_probes",
+            "16",
+            "--lr",
+            "0.05",
+            "--max_steps",
+            "60",
+            "--eval_steps",
+            "0",
+            "--save_steps",
+            "0",
+            "--eval_batches",
+            "1",
+            "--log_with",
+            "none",
+        ]
+    )
+    losses = train_losses(out)
+    assert losses[-1] < losses[0] - 1.0  # one repeated batch is memorised quickly
+    assert "exact_match_out_of_distribution" in final
+    generated = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "generate.py"),
+            "--model",
+            str(out),
+            "--prompt",
+            "abc ",
+            "--max_new_tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert generated.stdout.startswith("abc ")
+    evaluated = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "evaluate.py"),
+            "--model",
+            str(out),
+            "--task",
+            "copy",
+            "--task_max_length",
+            "4",
+            "--examples",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert 0 <= metrics["exact_match_in_distribution"] <= 1
+
+
+def test_curriculum_grows_the_task_length_and_is_checkpointed(tmp_path):
+    run(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--task",
+            "reverse",
+            "--model_config",
+            str(TINY_MODEL),
+            "--batch_size",
+            "2",
+            "--num_probes",
+            "2",
+            "--lr",
+            "0.01",
+            "--max_steps",
+            "3",
+            "--save_steps",
+            "0",
+            "--eval_steps",
+            "0",
+            "--eval_batches",
+            "1",
+            "--task_max_length",
+            "5",
+            "--curriculum_threshold",
+            "100",
+            "--log_with",
+            "none",
+        ]
+    )
+    state = torch.load(tmp_path / "checkpoint-3" / "process_0.pt", weights_only=False)
+    assert state["data"]["max_train_length"] == 8  # grew by one per step below the threshold
+
+
+def test_empty_training_data_is_one_clear_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="training data is empty"):
+        run(["--output_dir", str(tmp_path / "out"), *FAST_TRAINING, "--dataset", str(empty), "--max_steps", "1"])
+    with pytest.raises(ValueError, match="yields no full batch"):
+        run(
+            [
+                "--output_dir",
+                str(tmp_path / "out2"),
+                *FAST_TRAINING,
+                "--dataset",
+                str(empty),
+                "--tokenizer",
+                "char",
+                "--max_steps",
+                "1",
+            ]
+        )
