@@ -319,3 +319,11 @@ def test_empty_training_data_is_one_clear_error(tmp_path):
                 "1",
             ]
         )
+
+
+def test_big_models_are_saved_in_shards(tmp_path):
+    run(fast_args(tmp_path, "--max_steps", "1", "--save_steps", "0", "--eval_steps", "0", "--max_shard_size", "20KB"))
+    shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.num_parameters() > 0

@@ -76,6 +76,9 @@ class TrainArguments:
     eval_steps: int = field(default=100, metadata={"help": "evaluate every N steps (0: only at the end)"})
     save_steps: int = field(default=100, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
+    max_shard_size: str = field(
+        default="2GB", metadata={"help": "safetensors shard size of saved models (big models shard)"}
+    )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "a checkpoint folder, or 'latest' in output_dir"}
     )

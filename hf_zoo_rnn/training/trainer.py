@@ -200,9 +200,10 @@ class ZooTrainer:
             if args.save_steps and step % args.save_steps == 0 and step < args.max_steps:
                 self.save_checkpoint()
             progress.update(1)
-            progress.set_postfix(
-                loss=f"{metrics['train_loss']:.3f}", tok_s=f"{input_ids.numel() / metrics['step_seconds']:.0f}"
-            )
+            rates = {"tok_s": f"{input_ids.numel() / metrics['step_seconds']:.0f}"}
+            if self.is_zo:
+                rates["probes_s"] = f"{self.zo_config.num_probes / metrics['step_seconds']:.1f}"
+            progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", **rates)
         progress.close()
         final = self.evaluate()
         final["train_seconds"] = time.perf_counter() - started
@@ -332,7 +333,7 @@ class ZooTrainer:
                 folder / f"process_{self.rank}.pt",
             )
             if self.accelerator.is_main_process:
-                model.save_pretrained(folder)
+                model.save_pretrained(folder, max_shard_size=self.train_args.max_shard_size)
                 self.tokenizer.save_pretrained(folder)
                 torch.save(optimizer_state, folder / "optimizer.pt")
                 state = {"counters": self.counters, "history": self.history, "world_size": self.world_size}
@@ -371,7 +372,7 @@ class ZooTrainer:
         if not self.accelerator.is_main_process:
             return
         model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(self.output_dir)
+        model.save_pretrained(self.output_dir, max_shard_size=self.train_args.max_shard_size)
         self.tokenizer.save_pretrained(self.output_dir)
         plot_loss_curve(self.history, self.output_dir / "loss_curve.png")
         write_model_card(self.output_dir, model, self, final_metrics)
