@@ -1,13 +1,20 @@
-"""Shared fixtures. The suite never touches the real Hub: offline mode and a private HF_HOME are set before any
-HuggingFace library is imported (they read the environment at import time)."""
+"""Shared fixtures. The suite never touches the real Hub: a loopback Hub (tests/hub_server.py) is started and
+HF_ENDPOINT points at it before any HuggingFace library is imported (they read the environment at import time),
+so every Hub call, intended or accidental, is answered on 127.0.0.1. HF_HOME is private to the run."""
 
 import json
 import os
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf_zoo_rnn_tests_hf_home_"))
-os.environ["HF_HUB_OFFLINE"] = "1"
+from hub_server import LoopbackHub
+
+HUB = LoopbackHub()
+os.environ["HF_ENDPOINT"] = HUB.endpoint
+os.environ["HF_HUB_DISABLE_XET"] = "1"  # otherwise large files would go through Xet storage
+os.environ["HF_TOKEN"] = "hf_loopback_test_token"
+os.environ.pop("HF_HUB_OFFLINE", None)
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf_zoo_rnn_tests_hf_home_")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

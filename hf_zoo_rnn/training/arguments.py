@@ -14,6 +14,7 @@ from ..config_files import ConfigFileError, read_yaml
 from ..zo import ZOConfig
 
 OPTIMIZERS = ("zo", "bptt_sgd", "bptt_adamw")
+HUB_STRATEGIES = ("end", "every_save", "all_checkpoints")
 DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -86,6 +87,20 @@ class TrainArguments:
         default=50, metadata={"help": "compare parameter checksums across processes every N steps"}
     )
     log_with: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s), comma separated, or 'none'"})
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "push the model (and checkpoints, per hub_strategy) to the Hub"}
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "owner/name of the repo (default: your user / output_dir's name)"}
+    )
+    hub_private: bool = field(default=False, metadata={"help": "create the repo private"})
+    hub_strategy: str = field(
+        default="every_save",
+        metadata={"help": "end, every_save (model at each save) or all_checkpoints (with resume state)"},
+    )
+    hub_token: str | None = field(default=None, metadata={"help": "token (default: HF_TOKEN or the saved login)"})
+    hub_retries: int = field(default=5, metadata={"help": "retries of a failed push (exponential back-off)"})
+    hub_retry_seconds: float = field(default=2.0, metadata={"help": "first back-off wait"})
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments, ZOConfig)
@@ -120,5 +135,7 @@ def parse_arguments(argv: list[str] | None = None):
 def check_choices(model_args: ModelArguments, train_args: TrainArguments) -> None:
     if train_args.optimizer not in OPTIMIZERS:
         raise ConfigFileError(f"optimizer must be one of {OPTIMIZERS}, got {train_args.optimizer!r}")
+    if train_args.hub_strategy not in HUB_STRATEGIES:
+        raise ConfigFileError(f"hub_strategy must be one of {HUB_STRATEGIES}, got {train_args.hub_strategy!r}")
     if model_args.dtype not in DTYPES:
         raise ConfigFileError(f"dtype must be one of {DTYPES}, got {model_args.dtype!r}")

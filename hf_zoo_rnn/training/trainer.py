@@ -9,6 +9,7 @@ BPTT baselines (bptt_sgd / bptt_adamw) train the same model on the same data wit
 import dataclasses
 import hashlib
 import json
+import logging
 import pickle
 import resource
 import time
@@ -18,18 +19,22 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from huggingface_hub import HfApi
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..config_files import load_model_config, model_config_from_dict
 from ..configuration_zoo_rnn import ZooRnnConfig
 from ..data import PackedStream, TaskStream, build_tokenizer, documents, open_text_source
+from ..hub import RESUME_ONLY, HubPusher, resolve_hub_checkpoint
 from ..modeling_zoo_rnn import IGNORE_INDEX, ZooRnnForCausalLM
 from ..zo import ZOConfig, ZOOptimizer
 from .arguments import DataArguments, ModelArguments, TrainArguments
 from .checkpoints import CheckpointError, latest_checkpoint, prune_checkpoints, write_atomically
 from .evaluation import language_model_metrics, task_metrics
 from .reporting import plot_loss_curve, write_model_card
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = {"cell": "lstm", "embedding_size": 128, "num_heads": 4, "head_dim": 64, "num_hidden_layers": 1}
 
@@ -52,6 +57,7 @@ class ZooTrainer:
         self.is_zo = train_args.optimizer == "zo"
         self.history: list[dict] = []
         self.counters = {"step": 0, "forward_passes": 0, "tokens": 0, "comm_bytes": 0}
+        self.pusher = self.make_pusher() if train_args.push_to_hub and self.accelerator.is_main_process else None
         self.first_batch = None  # fixed_batch: a fresh stream's first batch, so a resumed run reads the same one
 
     # -- set-up ---------------------------------------------------------------------------------------------------
@@ -81,7 +87,11 @@ class ZooTrainer:
         choice = self.train_args.resume_from_checkpoint
         if choice is None:
             return None
-        path = latest_checkpoint(self.output_dir) if choice == "latest" else Path(choice)
+        if choice == "latest":
+            path = latest_checkpoint(self.output_dir)
+        else:
+            with self.accelerator.main_process_first():  # one download; the others find it in the cache
+                path = resolve_hub_checkpoint(choice) or Path(choice)
         if path is None:
             raise CheckpointError(f"resume_from_checkpoint='latest' but {self.output_dir} holds no checkpoint")
         if not (path / "trainer_state.json").is_file():
@@ -338,10 +348,13 @@ class ZooTrainer:
                 torch.save(optimizer_state, folder / "optimizer.pt")
                 state = {"counters": self.counters, "history": self.history, "world_size": self.world_size}
                 (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
+                self.write_report(folder, self.latest_eval())
 
         write_atomically(target, write, self.accelerator)
         if self.accelerator.is_main_process:
             prune_checkpoints(self.output_dir, self.train_args.save_total_limit)
+            if self.pusher is not None:
+                self.push_checkpoint(target, step)
         self.accelerator.wait_for_everyone()
         return target
 
@@ -374,8 +387,44 @@ class ZooTrainer:
         model = self.accelerator.unwrap_model(self.model)
         model.save_pretrained(self.output_dir, max_shard_size=self.train_args.max_shard_size)
         self.tokenizer.save_pretrained(self.output_dir)
-        plot_loss_curve(self.history, self.output_dir / "loss_curve.png")
-        write_model_card(self.output_dir, model, self, final_metrics)
+        self.write_report(self.output_dir, final_metrics)
+        if self.pusher is not None:
+            ignore = ["checkpoint-*/*", ".tmp-*/*", "tokenizer/*", "hf_zoo_rnn/*"]
+            self.pusher.push(self.output_dir, f"End of training, step {self.counters['step']}", ignore_patterns=ignore)
+            self.pusher.wait()  # the run ends only when the final push has succeeded or given up
+            if self.pusher.failed:
+                logger.error(
+                    "%d push(es) to %s failed; the local output in %s is complete",
+                    len(self.pusher.failed),
+                    self.pusher.repo_id,
+                    self.output_dir,
+                )
+
+    def write_report(self, folder: Path, metrics: dict) -> None:
+        """Loss curve and model card: every checkpoint folder carries its own."""
+        plot_loss_curve(self.history, folder / "loss_curve.png")
+        write_model_card(folder, self.accelerator.unwrap_model(self.model), self, metrics)
+
+    def latest_eval(self) -> dict:
+        return next(
+            ({k: v for k, v in r.items() if k.startswith("eval_")} for r in reversed(self.history) if "eval_loss" in r),
+            {},
+        )
+
+    def make_pusher(self) -> HubPusher:
+        args = self.train_args
+        repo_id = args.hub_model_id
+        if repo_id is None:
+            user = HfApi(token=args.hub_token).whoami()["name"]
+            repo_id = f"{user}/{self.output_dir.name}"
+        return HubPusher(repo_id, args.hub_private, args.hub_token, args.hub_retries, args.hub_retry_seconds)
+
+    def push_checkpoint(self, folder: Path, step: int) -> None:
+        strategy = self.train_args.hub_strategy
+        if strategy == "every_save":
+            self.pusher.push(folder, f"Training in progress, step {step}", ignore_patterns=RESUME_ONLY)
+        elif strategy == "all_checkpoints":
+            self.pusher.push(folder, f"Checkpoint {step} with resume state", path_in_repo=folder.name)
 
 
 def check_same_architecture(expected: ZooRnnConfig, found: ZooRnnConfig, source) -> None:

@@ -1,0 +1,130 @@
+"""Pushing to the Hub, and resuming from it.
+
+`HubPusher` uploads folders in a background thread, in order, retrying with exponential back-off; a push that
+still fails is logged and counted, never raised into training, and the local files are never touched (each push
+works on a hard-linked snapshot, so pruning old checkpoints cannot pull a folder from under an upload).
+"""
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from huggingface_hub import HfApi, snapshot_download
+
+logger = logging.getLogger(__name__)
+
+HUB_CHECKPOINT = re.compile(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?/(?P<path>checkpoint-\d+)$")
+# what a checkpoint holds only for resuming: pushed with hub_strategy=all_checkpoints, not to the model repo root
+RESUME_ONLY = ["optimizer.pt", "process_*.pt", "trainer_state.json"]
+SNAPSHOT_PREFIX = ".hub-push-"
+
+
+def push_folder(
+    api: HfApi,
+    folder: Path,
+    repo_id: str,
+    private: bool,
+    message: str,
+    path_in_repo: str | None = None,
+    ignore_patterns: list[str] | None = None,
+    retries: int = 5,
+    retry_seconds: float = 2.0,
+) -> str:
+    """Create the repo if needed and upload `folder`, retrying with back-off. Returns the commit URL."""
+    for attempt in range(retries + 1):
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                path_in_repo=path_in_repo,
+                commit_message=message,
+                ignore_patterns=ignore_patterns,
+            )
+            return info.commit_url
+        except Exception as error:  # network, HTTP and server errors alike: retry, then give up loudly
+            if attempt == retries:
+                raise
+            wait = retry_seconds * 2**attempt
+            logger.warning("push of %s to %s failed (%s); retrying in %.1f s", folder, repo_id, error, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+class HubPusher:
+    """Background, ordered, retried pushes of folders to one repo."""
+
+    def __init__(
+        self,
+        repo_id: str,
+        private: bool = False,
+        token: str | None = None,
+        retries: int = 5,
+        retry_seconds: float = 2.0,
+    ):
+        self.api = HfApi(token=token)
+        self.repo_id, self.private = repo_id, private
+        self.retries, self.retry_seconds = retries, retry_seconds
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
+        self.pending: list[Future] = []
+        self.pushed: list[str] = []
+        self.failed: list[str] = []
+
+    def push(
+        self, folder: Path, message: str, path_in_repo: str | None = None, ignore_patterns: list[str] | None = None
+    ) -> Future:
+        # hard links need the same filesystem: the snapshot sits next to the folder
+        snapshot = Path(tempfile.mkdtemp(prefix=SNAPSHOT_PREFIX, dir=folder.parent))
+        skip = shutil.ignore_patterns(".tmp-*", f"{SNAPSHOT_PREFIX}*")
+        shutil.copytree(folder, snapshot / "folder", copy_function=os.link, ignore=skip)
+        future = self.executor.submit(self._push, snapshot, message, path_in_repo, ignore_patterns)
+        self.pending.append(future)
+        return future
+
+    def _push(self, snapshot: Path, message: str, path_in_repo: str | None, ignore_patterns: list[str] | None) -> None:
+        try:
+            url = push_folder(
+                self.api,
+                snapshot / "folder",
+                self.repo_id,
+                self.private,
+                message,
+                path_in_repo,
+                ignore_patterns,
+                self.retries,
+                self.retry_seconds,
+            )
+            self.pushed.append(url)
+        except Exception as error:
+            self.failed.append(f"{message}: {error}")
+            logger.error(
+                "giving up pushing %r to %s after %d retries: %s (local files are intact)",
+                message,
+                self.repo_id,
+                self.retries,
+                error,
+            )
+        finally:
+            shutil.rmtree(snapshot, ignore_errors=True)
+
+    def wait(self) -> None:
+        for future in self.pending:
+            future.result()
+        self.pending.clear()
+
+
+def resolve_hub_checkpoint(reference: str) -> Path | None:
+    """`hf://owner/repo[@revision]/checkpoint-N` -> a local folder with that checkpoint; None if not a Hub reference."""
+    match = HUB_CHECKPOINT.match(reference)
+    if match is None:
+        return None
+    local = snapshot_download(match["repo"], revision=match["revision"], allow_patterns=[f"{match['path']}/*"])
+    folder = Path(local) / match["path"]
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{reference}: no {match['path']} in {match['repo']}")
+    return folder
