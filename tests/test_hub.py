@@ -57,7 +57,15 @@ def test_push_then_from_pretrained_round_trip_with_tokenizer_and_card(tmp_path):
     card = ModelCard.load("tester/round-trip")
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert {"custom_code", "lstm", "zeroth-order", "flashrnn"} <= set(card.data.tags)
-    for fact in ("probes per step | 4", "forward passes | 16", "tokens seen | 128", "eval_loss", "loss_curve.png"):
+    for fact in (
+        "probes per step | 4",
+        "forward passes | 16",
+        "tokens seen | 128",
+        "eval_loss",
+        "loss_curve.png",
+        "1 process(es) on CPU",
+        "peak memory",
+    ):
         assert fact in card.text, fact
 
 

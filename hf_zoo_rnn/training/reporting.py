@@ -1,11 +1,13 @@
 """What a finished run leaves for people: a loss-curve PNG and a model card."""
 
+import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 from huggingface_hub import ModelCard, ModelCardData  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "zoo_rnn.md"
@@ -24,6 +26,12 @@ def plot_loss_curve(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def hardware(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {os.cpu_count()} cores"
 
 
 def write_model_card(output_dir: Path, model, trainer, final_metrics: dict) -> ModelCard:
@@ -52,7 +60,7 @@ def write_model_card(output_dir: Path, model, trainer, final_metrics: dict) -> M
         world_size=trainer.world_size,
         metrics={k: f"{v:.4f}" for k, v in final_metrics.items()},
         peak_memory_mb=f"{max((r.get('peak_memory_mb', 0) for r in trainer.history), default=0):.0f}",
-        device=str(trainer.accelerator.device),
+        hardware=hardware(trainer.accelerator.device),
     )
     card.save(output_dir / "README.md")
     return card
