@@ -96,42 +96,43 @@ def gru_dense(x, W, R, b, state):
 
 
 def lstm_loop(x, W, R, b, state):
-    """LSTM as a head-major loop. Shapes as `lstm_dense`; returns (h of every step [B,T,N,D], state [2,B,N,D])."""
+    """LSTM as a head-major loop. Shapes as `lstm_dense`; returns (h of every step [B,T,N,D], state [2,B,N,D]).
+
+    Each gate is one batched matmul per step against a transposed *view* of R: nothing weight-sized is ever
+    copied, which matters when R holds a billion parameters."""
     batch, steps, _ = x.shape
     _, heads, dim = b.shape
-    # Reorder gates (i, f, z, o) -> (i, f, o, z) so one sigmoid and one tanh cover a step, and lay the input out
-    # head-major so a step is one batched matmul: gates[n] = x_t[n] + h[n] @ R[n].
-    order = [0, 1, 3, 2]
-    wx = F.linear(x, W).view(batch, steps, 4, heads, dim)
-    xt = (wx + b)[:, :, order].permute(1, 3, 0, 2, 4).reshape(steps, heads, batch, 4 * dim)
-    r = R[order].permute(1, 3, 0, 2).reshape(heads, dim, 4 * dim)
+    # input pre-activations laid out [T, gate, N, B, D] so xt[t, g] is the additive term of gate g at step t
+    xt = (F.linear(x, W).view(batch, steps, 4, heads, dim) + b).permute(1, 2, 3, 0, 4).contiguous()
+    r = R.transpose(2, 3)  # [4, N, D_in, D_out], a view
     h, c = state[0].transpose(0, 1), state[1].transpose(0, 1)
     outputs = []
     for t in range(steps):
-        gates = torch.baddbmm(xt[t], h, r)
-        i, f, o = torch.sigmoid(gates[..., : 3 * dim]).chunk(3, dim=-1)
-        c = torch.addcmul(f * c, i, torch.tanh(gates[..., 3 * dim :]))
+        i = torch.sigmoid(torch.baddbmm(xt[t, 0], h, r[0]))
+        f = torch.sigmoid(torch.baddbmm(xt[t, 1], h, r[1]))
+        z = torch.tanh(torch.baddbmm(xt[t, 2], h, r[2]))
+        o = torch.sigmoid(torch.baddbmm(xt[t, 3], h, r[3]))
+        c = torch.addcmul(f * c, i, z)
         h = o * torch.tanh(c)
         outputs.append(h)
     return torch.stack(outputs).permute(2, 0, 1, 3), torch.stack((h, c)).transpose(1, 2)
 
 
 def gru_loop(x, W, R, b, state):
-    """GRU as a head-major loop: h' = z * h + (1 - z) * tanh(x_n + b_in + r * (R_n h + b_hn))."""
+    """GRU as a head-major loop: h' = z * h + (1 - z) * tanh(x_n + b_in + r * (R_n h + b_hn)); per-gate matmuls
+    against transposed views of R, as in `lstm_loop`."""
     batch, steps, _ = x.shape
     _, heads, dim = b.shape
-    wx = F.linear(x, W).view(batch, steps, 3, heads, dim).permute(1, 3, 0, 2, 4)  # [T, N, B, 3, D]
-    b_hn, b_r, b_z, b_in = (row[None, :, None, :] for row in b)  # each [1, N, 1, D]
-    # One matmul per step gives (r, z, n) pre-activations; its additive term carries x_r + b_r, x_z + b_z and b_hn.
-    additive = torch.cat((wx[..., 0, :] + b_r, wx[..., 1, :] + b_z, b_hn.expand(steps, heads, batch, dim)), dim=-1)
-    x_n = wx[..., 2, :] + b_in
-    r = R[[1, 2, 0]].permute(1, 3, 0, 2).reshape(heads, dim, 3 * dim)
+    wx = F.linear(x, W).view(batch, steps, 3, heads, dim).permute(1, 2, 3, 0, 4)  # [T, gate (r, z, n), N, B, D]
+    b_hn, b_r, b_z, b_in = (row[:, None, :] for row in b)  # each [N, 1, D]
+    x_r, x_z, x_n = (wx[:, 0] + b_r).contiguous(), (wx[:, 1] + b_z).contiguous(), (wx[:, 2] + b_in).contiguous()
+    r = R.transpose(2, 3)  # [3 (n, r, z), N, D_in, D_out], a view
     h = state[0].transpose(0, 1)
     outputs = []
     for t in range(steps):
-        gates = torch.baddbmm(additive[t], h, r)
-        reset, update = torch.sigmoid(gates[..., : 2 * dim]).chunk(2, dim=-1)
-        candidate = torch.tanh(torch.addcmul(x_n[t], reset, gates[..., 2 * dim :]))
+        reset = torch.sigmoid(torch.baddbmm(x_r[t], h, r[1]))
+        update = torch.sigmoid(torch.baddbmm(x_z[t], h, r[2]))
+        candidate = torch.tanh(torch.addcmul(x_n[t], reset, torch.baddbmm(b_hn, h, r[0])))
         h = torch.lerp(candidate, h, update)
         outputs.append(h)
     return torch.stack(outputs).permute(2, 0, 1, 3), h.transpose(0, 1)[None]

@@ -262,6 +262,8 @@ class ZooTrainer:
             "update_norm": stats.update_norm,
             "dropped_probes": stats.dropped_probes,
             "skipped_step": int(stats.skipped),
+            "seconds_forward": stats.seconds_forward,
+            "seconds_update": stats.seconds_update,
         }
 
     def bptt_step(self, input_ids, labels) -> dict:

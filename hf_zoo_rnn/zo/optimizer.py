@@ -12,6 +12,7 @@ Memory (d = number of parameters, b = bytes per weight):
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -98,6 +99,9 @@ class ZOStepStats:
     forward_passes: int
     dropped_probes: int
     skipped: bool
+    seconds_forward: float  # this process's loss evaluations
+    seconds_update: float  # regenerating z and applying the update
+    seconds_total: float  # the rest is snapshot, perturbation and restore (and the gather)
 
 
 class ZOOptimizer:
@@ -157,8 +161,17 @@ class ZOOptimizer:
         eps, lr = self.current_eps(), self.current_lr()
         use_buffer = config.update_mode == "buffer"
 
+        started, forward_seconds = time.perf_counter(), 0.0
+
+        def timed_loss() -> float:
+            nonlocal forward_seconds
+            start = time.perf_counter()
+            value = evaluate(loss_fn)
+            forward_seconds += time.perf_counter() - start
+            return value
+
         self.perturber.snapshot()
-        base = evaluate(loss_fn) if config.difference == "forward" else None
+        base = timed_loss() if config.difference == "forward" else None
         local = torch.empty(per_rank, 2, dtype=torch.float64)
         partial = (
             [torch.zeros(p.numel(), dtype=compute_dtype(p), device=p.device) for p in self.params]
@@ -173,10 +186,10 @@ class ZOOptimizer:
                 else None
             )
             self.perturber.perturb(streams, eps, z_cache)
-            plus = evaluate(loss_fn)
+            plus = timed_loss()
             if config.difference == "central":
                 self.perturber.perturb(streams, -eps, z_cache)
-                second = evaluate(loss_fn)
+                second = timed_loss()
             else:
                 second = base
             self.perturber.restore()
@@ -194,9 +207,10 @@ class ZOOptimizer:
         first, second = losses[:, 0], losses[:, 1]
         coefficients, kept = probe_coefficients(first, second, eps, config.difference, config.clip_projected_gradient)
         g = projected_gradient_values(first, second, eps, config.difference, kept)
-        update_norm = 0.0
+        update_norm, update_started = 0.0, time.perf_counter()
         if kept and (lr != 0 or config.weight_decay != 0):
             update_norm = self.apply_update(coefficients, kept, lr, rank, per_rank, partial)
+        finished = time.perf_counter()
         forward_passes = config.num_probes * (2 if config.difference == "central" else 1)
         forward_passes += world_size if config.difference == "forward" else 0
         stats = ZOStepStats(
@@ -211,6 +225,9 @@ class ZOOptimizer:
             forward_passes=forward_passes,
             dropped_probes=config.num_probes - kept,
             skipped=kept == 0,
+            seconds_forward=forward_seconds,
+            seconds_update=finished - update_started,
+            seconds_total=finished - started,
         )
         self.step_count += 1
         return stats

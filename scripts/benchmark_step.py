@@ -1,0 +1,124 @@
+"""Cost of one zero-order step, split into forward passes, perturbation/restore and update.
+
+For each model config: one warm-up step, then `--steps` timed steps on a random batch. Reports the time of a step
+against 2K clean forward passes (the ideal: a step is nothing but its forwards), probes * tokens per second, and
+peak RSS against the fp32 bytes of the weights. Writes <output_dir>/step.csv and step.png.
+
+    python scripts/benchmark_step.py [--model_configs configs/model/tiny.yaml configs/model/small.yaml]
+        [--dtype float32] [--num_probes 8] [--batch_size 16] [--seq_len 64] [--update_mode replay]
+    python scripts/benchmark_step.py --model_configs configs/model/xlarge.yaml --dtype bfloat16 \\
+        --num_probes 2 --batch_size 1 --seq_len 8 --steps 1          # a 1.16B-parameter step on a CPU
+"""
+
+import csv
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, HfArgumentParser  # noqa: E402
+
+import hf_zoo_rnn  # noqa: E402, F401  (registers the Auto classes)
+from hf_zoo_rnn.config_files import load_model_config  # noqa: E402
+from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer  # noqa: E402
+
+
+@dataclass
+class StepBenchmarkArguments:
+    model_configs: list[str] = field(
+        default_factory=lambda: ["configs/model/tiny.yaml", "configs/model/small.yaml"], metadata={"help": "YAMLs"}
+    )
+    dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16 weights"})
+    num_probes: int = field(default=8, metadata={"help": "probes K per step"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per batch"})
+    seq_len: int = field(default=64, metadata={"help": "tokens per sequence"})
+    update_mode: str = field(default="replay", metadata={"help": "replay or buffer"})
+    steps: int = field(default=2, metadata={"help": "timed steps after one warm-up step"})
+    output_dir: str = field(default="outputs/benchmarks", metadata={"help": "where step.csv and step.png go"})
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def measure(path: str, args: StepBenchmarkArguments) -> dict:
+    config = load_model_config(path)
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
+    parameters = model.num_parameters()
+    ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len))
+
+    def loss_fn():
+        return model(ids, labels=ids, logits_to_keep=1).loss
+
+    with torch.inference_mode():  # the ideal step: 2K forwards and nothing else
+        loss_fn()
+        start = time.perf_counter()
+        for _ in range(2 * args.num_probes):
+            loss_fn()
+        clean_forward = (time.perf_counter() - start) / (2 * args.num_probes)
+    zo = ZOOptimizer(model, ZOConfig(num_probes=args.num_probes, lr=1e-4, eps=1e-3, update_mode=args.update_mode))
+    zo.step(loss_fn)  # warm-up
+    stats = [zo.step(loss_fn) for _ in range(args.steps)]
+    total = sum(s.seconds_total for s in stats) / len(stats)
+    forward = sum(s.seconds_forward for s in stats) / len(stats)
+    update = sum(s.seconds_update for s in stats) / len(stats)
+    tokens = args.batch_size * args.seq_len
+    return {
+        "config": Path(path).stem,
+        "parameters": parameters,
+        "dtype": args.dtype,
+        "num_probes": args.num_probes,
+        "update_mode": args.update_mode,
+        "step_seconds": total,
+        "forward_seconds": forward,
+        "perturb_seconds": total - forward - update,
+        "update_seconds": update,
+        "clean_forward_seconds": clean_forward,
+        "step_over_2k_forwards": total / (2 * args.num_probes * clean_forward),
+        "probe_tokens_per_second": args.num_probes * tokens / total,
+        "peak_rss_gb": peak_rss_gb(),
+        "peak_rss_over_fp32_weights": peak_rss_gb() * 2**30 / (4 * parameters),
+    }
+
+
+def main() -> None:
+    (args,) = HfArgumentParser(StepBenchmarkArguments).parse_args_into_dataclasses()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for path in args.model_configs:
+        row = measure(path, args)
+        rows.append(row)
+        print(
+            f"{row['config']:>8} {row['parameters']:>13,} params {row['dtype']}: step {row['step_seconds']:.3f} s = "
+            f"forward {row['forward_seconds']:.3f} + perturb {row['perturb_seconds']:.3f} + update "
+            f"{row['update_seconds']:.3f}; step / 2K forwards {row['step_over_2k_forwards']:.2f}; "
+            f"{row['probe_tokens_per_second']:,.3g} probe-tokens/s; peak RSS {row['peak_rss_gb']:.2f} GB "
+            f"({row['peak_rss_over_fp32_weights']:.2f}x fp32 weights)"
+        )
+    with open(out / "step.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = [r["config"] for r in rows]
+    bottom = [0.0] * len(rows)
+    for part in ("forward_seconds", "perturb_seconds", "update_seconds"):
+        values = [r[part] for r in rows]
+        ax.bar(names, values, bottom=bottom, label=part.removesuffix("_seconds"))
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set(ylabel="seconds per ZO step", yscale="log", title=f"ZO step, K={args.num_probes}, {args.dtype}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "step.png", dpi=110)
+    print(f"wrote {out / 'step.csv'} and {out / 'step.png'}")
+
+
+if __name__ == "__main__":
+    main()
