@@ -15,28 +15,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 PUSH = ["--push_to_hub", "--hub_retries", "3", "--hub_retry_seconds", "0.05", "--log_with", "none", "--eval_steps", "0"]
 
 
+def train_and_push(output_dir, repo_id: str, *extra: str) -> dict:
+    """A one-step training run that pushes its final model to `repo_id` at the end."""
+    return run([
+        "--output_dir", str(output_dir), *FAST_TRAINING, *PUSH, "--max_steps", "1", "--save_steps", "0",
+        "--hub_strategy", "end", "--hub_model_id", repo_id, *extra,
+    ])  # fmt: skip
+
+
 def commits(repo_id: str) -> list[dict]:
     return HUB.state.repos[repo_id]
 
 
 def test_push_then_from_pretrained_round_trip_with_tokenizer_and_card(tmp_path):
     out = tmp_path / "run"
-    run(
-        [
-            "--output_dir",
-            str(out),
-            *FAST_TRAINING,
-            *PUSH,
-            "--max_steps",
-            "2",
-            "--save_steps",
-            "0",
-            "--hub_strategy",
-            "end",
-            "--hub_model_id",
-            "tester/round-trip",
-        ]
-    )
+    train_and_push(out, "tester/round-trip", "--max_steps", "2")
     files = HfApi().list_repo_files("tester/round-trip")
     for name in (
         "config.json",
@@ -132,22 +125,7 @@ def test_every_save_pushes_each_checkpoint_and_all_checkpoints_resume_from_the_h
 def test_a_failing_server_is_retried_until_it_recovers(tmp_path):
     seen = len(HUB.state.requests)
     HUB.state.fail_next(3)
-    run(
-        [
-            "--output_dir",
-            str(tmp_path),
-            *FAST_TRAINING,
-            *PUSH,
-            "--max_steps",
-            "1",
-            "--save_steps",
-            "0",
-            "--hub_strategy",
-            "end",
-            "--hub_model_id",
-            "tester/flaky",
-        ]
-    )
+    train_and_push(tmp_path, "tester/flaky")
     attempts = [r for r in HUB.state.requests[seen:] if r.startswith("POST /api/repos/create")]
     assert len(attempts) == 4  # three refused, the fourth went through
     assert "model.safetensors" in HfApi().list_repo_files("tester/flaky")
@@ -184,22 +162,7 @@ def test_a_server_that_stays_down_loses_nothing_locally(tmp_path, caplog):
 
 def test_remote_code_loads_where_hf_zoo_rnn_is_not_installed(tmp_path):
     """A fresh interpreter that cannot import hf_zoo_rnn (nor flashrnn) loads the pushed repo by its remote code."""
-    run(
-        [
-            "--output_dir",
-            str(tmp_path),
-            *FAST_TRAINING,
-            *PUSH,
-            "--max_steps",
-            "1",
-            "--save_steps",
-            "0",
-            "--hub_strategy",
-            "end",
-            "--hub_model_id",
-            "tester/remote-code",
-        ]
-    )
+    train_and_push(tmp_path, "tester/remote-code")
     ids = [[5, 9, 2, 7, 1, 3]]
     expected = AutoModelForCausalLM.from_pretrained(tmp_path)(torch.tensor(ids)).logits
     script = f"""
