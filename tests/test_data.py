@@ -35,6 +35,13 @@ def test_packed_stream_resumes_exactly(kjv_tokenizer, resume_after):
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
 
 
+def test_globs_stream_every_matching_file(tmp_path, kjv_tokenizer):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text(f"document {name}")
+    texts = list(documents(open_text_source(str(tmp_path / "*.txt"), "train")))
+    assert texts == ["document a", "document b"]
+
+
 def test_packing_separates_documents_and_handles_million_token_blocks(tmp_path, kjv_tokenizer):
     path = tmp_path / "docs.jsonl"
     path.write_text('{"text": "alpha beta"}\n{"text": "gamma"}\n')
@@ -51,6 +58,9 @@ def test_packing_separates_documents_and_handles_million_token_blocks(tmp_path, 
 def test_missing_empty_and_non_utf8_data_fail_clearly(tmp_path, kjv_tokenizer):
     with pytest.raises(DataError, match="data file not found"):
         open_text_source(str(tmp_path / "nope.txt"), "train")
+    for pattern in (str(tmp_path / "*.txt"), str(tmp_path / "nothing-*")):  # absolute globs, with and without suffix
+        with pytest.raises(DataError, match="no data file matches"):
+            open_text_source(pattern, "train")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert next(iter(PackedStream(open_text_source(str(empty), "train"), kjv_tokenizer, 8, 1)), None) is None

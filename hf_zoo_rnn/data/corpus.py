@@ -4,6 +4,7 @@ Every source yields rows with a text column; consecutive rows sharing a `documen
 document (the KJV streams verses, grouped into its 66 books), otherwise each row is a document.
 """
 
+import glob
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +47,14 @@ def open_text_source(
         held_out = split == "validation"
         stream = stream.filter(lambda row: (row["book"] in KJV_VALIDATION_BOOKS) == held_out)
         return TextSource(stream, "text", "book")
-    files = sorted(Path().glob(name)) if any(c in name for c in "*?[") else [Path(name)]
-    if name.startswith(("/", ".")) or Path(name).suffix in FILE_FORMATS or files[0].exists():
+    is_pattern = any(c in name for c in "*?[")
+    if is_pattern or name.startswith(("/", ".")) or Path(name).suffix in FILE_FORMATS or Path(name).exists():
+        files = sorted(Path(p) for p in glob.glob(name)) if is_pattern else [Path(name)]
+        if not files:
+            raise DataError(f"no data file matches {name}")
         missing = [str(f) for f in files if not f.is_file()]
-        if not files or missing:
-            raise DataError(f"data file not found: {missing[0] if missing else name}")
+        if missing:
+            raise DataError(f"data file not found: {missing[0]}")
         suffixes = {f.suffix for f in files}
         if len(suffixes) != 1 or suffixes.pop() not in FILE_FORMATS:
             raise DataError(f"{name}: data files must all end in one of {sorted(FILE_FORMATS)}")
