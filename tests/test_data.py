@@ -32,7 +32,7 @@ def test_packed_stream_resumes_exactly(kjv_tokenizer, resume_after):
     resumed = PackedStream(open_text_source("kjv", "train"), kjv_tokenizer, context_length=48, batch_size=3)
     resumed.load_state_dict(state)
     got = [batch for batch, _ in zip(resumed, range(3), strict=False)]
-    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, got, strict=True))
 
 
 def test_globs_stream_every_matching_file(tmp_path, kjv_tokenizer):
@@ -45,11 +45,12 @@ def test_globs_stream_every_matching_file(tmp_path, kjv_tokenizer):
 def test_packing_separates_documents_and_handles_million_token_blocks(tmp_path, kjv_tokenizer):
     path = tmp_path / "docs.jsonl"
     path.write_text('{"text": "alpha beta"}\n{"text": "gamma"}\n')
-    block = next(
+    block, labels = next(
         iter(PackedStream(open_text_source(str(path), "train"), kjv_tokenizer, context_length=4, batch_size=1))
     )
     assert block[0, 0].item() == kjv_tokenizer.eos_token_id  # every document starts after a separator
-    big = next(
+    assert torch.equal(labels, block)  # a language model is scored on its own input
+    big, _ = next(
         iter(PackedStream(open_text_source("kjv", "train"), kjv_tokenizer, context_length=1 << 20, batch_size=1))
     )
     assert big.shape == (1, 1 << 20)

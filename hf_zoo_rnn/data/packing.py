@@ -28,7 +28,7 @@ class PackedStream:
         self.rows_state = None
         self.exhausted = False
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.rows_state is not None:
             self.source.dataset.load_state_dict(self.rows_state)
         needed = self.batch_size * self.context_length
@@ -37,7 +37,8 @@ class PackedStream:
             while len(self.buffer) >= needed:
                 block, self.buffer = self.buffer[:needed], self.buffer[needed:]
                 self.rows_state = self.source.dataset.state_dict()
-                yield torch.tensor(block, dtype=torch.long).view(self.batch_size, self.context_length)
+                ids = torch.tensor(block, dtype=torch.long).view(self.batch_size, self.context_length)
+                yield ids, ids  # (input_ids, labels), like every stream: a language model predicts its input
             try:
                 row = next(rows)
             except StopIteration:

@@ -10,12 +10,11 @@ from ..data import TaskStream, exact_match
 
 @torch.inference_mode()
 def language_model_metrics(model, batches: Iterable, max_batches: int) -> dict:
-    """Mean clean loss over up to `max_batches` batches (input_ids, or (input_ids, labels)) and its perplexity."""
+    """Mean clean loss over up to `max_batches` (input_ids, labels) batches, and its perplexity."""
     loss_sum, count = 0.0, 0
-    for batch in batches:
+    for input_ids, labels in batches:
         if count == max_batches:
             break
-        input_ids, labels = batch if isinstance(batch, tuple) else (batch, batch)
         loss_sum += model(input_ids.to(model.device), labels=labels.to(model.device), logits_to_keep=1).loss.item()
         count += 1
     if not count:

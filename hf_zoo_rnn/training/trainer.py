@@ -236,7 +236,7 @@ class ZooTrainer:
                     f"the training data {self.data_args.dataset!r} yields no full batch "
                     f"of {self.data_args.batch_size} x {self.data_args.context_length} tokens"
                 )
-        input_ids, labels = batch if isinstance(batch, tuple) else (batch, batch)
+        input_ids, labels = batch
         batch = input_ids.to(self.accelerator.device), labels.to(self.accelerator.device)
         if self.data_args.fixed_batch:
             self.first_batch = batch
