@@ -36,24 +36,26 @@ def push_folder(
     retry_seconds: float = 2.0,
 ) -> str:
     """Create the repo if needed and upload `folder`, retrying with back-off. Returns the commit URL."""
-    for attempt in range(retries + 1):
+
+    def attempt() -> str:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            path_in_repo=path_in_repo,
+            commit_message=message,
+            ignore_patterns=ignore_patterns,
+        )
+        return info.commit_url
+
+    for retry in range(retries):
         try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            info = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                path_in_repo=path_in_repo,
-                commit_message=message,
-                ignore_patterns=ignore_patterns,
-            )
-            return info.commit_url
+            return attempt()
         except Exception as error:  # network, HTTP and server errors alike: retry, then give up loudly
-            if attempt == retries:
-                raise
-            wait = retry_seconds * 2**attempt
+            wait = retry_seconds * 2**retry
             logger.warning("push of %s to %s failed (%s); retrying in %.1f s", folder, repo_id, error, wait)
             time.sleep(wait)
-    raise AssertionError("unreachable")
+    return attempt()  # the last try: its error reaches the caller
 
 
 class HubPusher:

@@ -11,7 +11,6 @@ peak RSS against the fp32 bytes of the weights. Writes <output_dir>/step.csv and
 """
 
 import csv
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from transformers import AutoModelForCausalLM, HfArgumentParser  # noqa: E402
 
 import hf_zoo_rnn  # noqa: E402, F401  (registers the Auto classes)
 from hf_zoo_rnn.config_files import load_model_config  # noqa: E402
+from hf_zoo_rnn.training.trainer import peak_memory_mb  # noqa: E402
 from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer  # noqa: E402
 
 
@@ -40,10 +40,6 @@ class StepBenchmarkArguments:
     update_mode: str = field(default="replay", metadata={"help": "replay or buffer"})
     steps: int = field(default=2, metadata={"help": "timed steps after one warm-up step"})
     output_dir: str = field(default="outputs/benchmarks", metadata={"help": "where step.csv and step.png go"})
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
 def measure(path: str, args: StepBenchmarkArguments) -> dict:
@@ -82,8 +78,8 @@ def measure(path: str, args: StepBenchmarkArguments) -> dict:
         "clean_forward_seconds": clean_forward,
         "step_over_2k_forwards": total / (2 * args.num_probes * clean_forward),
         "probe_tokens_per_second": args.num_probes * tokens / total,
-        "peak_rss_gb": peak_rss_gb(),
-        "peak_rss_over_fp32_weights": peak_rss_gb() * 2**30 / (4 * parameters),
+        "peak_rss_gb": peak_memory_mb(torch.device("cpu")) / 1024,
+        "peak_rss_over_fp32_weights": peak_memory_mb(torch.device("cpu")) * 2**20 / (4 * parameters),
     }
 
 

@@ -4,6 +4,8 @@ so every Hub call, intended or accidental, is answered on 127.0.0.1. HF_HOME is 
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -58,6 +60,12 @@ FAST_TRAINING = [
     "--tokenizer_vocab_size", "300", "--tokenizer_sample_chars", "50000", "--eval_batches", "1",
     "--logging_steps", "1", "--checksum_steps", "1",
 ]  # fmt: skip
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """Run scripts/<name> in a fresh interpreter; a non-zero exit raises CalledProcessError."""
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], check=True, capture_output=True,
+                          text=True, cwd=ROOT)  # fmt: skip
 
 
 def train_losses(output_dir: Path) -> list[float]:

@@ -1,14 +1,8 @@
 """Benchmarks are scripts, not timed tests: here they only have to run on tiny settings and write their files."""
 
 import csv
-import subprocess
-import sys
 
-from conftest import ROOT
-
-
-def run_script(name: str, *args: str) -> None:
-    subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], check=True, capture_output=True, cwd=ROOT)
+from conftest import run_script
 
 
 def rows(path) -> list[dict]:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FAST_TRAINING, HUB, ROOT
+from conftest import FAST_TRAINING, HUB, run_script
 from huggingface_hub import HfApi, ModelCard
 from safetensors.torch import load_file
 from test_training import run
@@ -201,30 +201,8 @@ def test_push_script_uploads_an_existing_folder(tmp_path):
             "0",
         ]
     )
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "push_to_hub.py"),
-            "--folder",
-            str(tmp_path),
-            "--repo_id",
-            "tester/pushed-by-script",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    run_script("push_to_hub.py", "--folder", str(tmp_path), "--repo_id", "tester/pushed-by-script")
     files = HfApi().list_repo_files("tester/pushed-by-script")
     assert "model.safetensors" in files and not any(f.startswith("checkpoint-") for f in files)
     with pytest.raises(subprocess.CalledProcessError):
-        subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "scripts" / "push_to_hub.py"),
-                "--folder",
-                str(tmp_path / "nope"),
-                "--repo_id",
-                "tester/x",
-            ],
-            check=True,
-            capture_output=True,
-        )
+        run_script("push_to_hub.py", "--folder", str(tmp_path / "nope"), "--repo_id", "tester/x")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import FAST_TRAINING, ROOT, TINY_MODEL, train_losses
+from conftest import FAST_TRAINING, ROOT, TINY_MODEL, run_script, train_losses
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -228,38 +228,10 @@ def test_fixed_batch_overfits_and_generate_evaluate_scripts_run(tmp_path):
     losses = train_losses(out)
     assert losses[-1] < losses[0] - 1.0  # one repeated batch is memorised quickly
     assert "exact_match_out_of_distribution" in final
-    generated = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "generate.py"),
-            "--model",
-            str(out),
-            "--prompt",
-            "abc ",
-            "--max_new_tokens",
-            "4",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    generated = run_script("generate.py", "--model", str(out), "--prompt", "abc ", "--max_new_tokens", "4")
     assert generated.stdout.startswith("abc ")
-    evaluated = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "evaluate.py"),
-            "--model",
-            str(out),
-            "--task",
-            "copy",
-            "--task_max_length",
-            "4",
-            "--examples",
-            "4",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    evaluated = run_script(
+        "evaluate.py", "--model", str(out), "--task", "copy", "--task_max_length", "4", "--examples", "4"
     )
     metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert 0 <= metrics["exact_match_in_distribution"] <= 1

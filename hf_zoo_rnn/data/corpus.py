@@ -66,17 +66,23 @@ def open_text_source(
     return TextSource(stream, text_column, document_column)
 
 
+def row_text(row: dict, column: str) -> str:
+    """The text of a row; a missing column is an error that lists the columns there are."""
+    if column not in row:
+        raise DataError(f"column {column!r} not in the data (columns: {sorted(row)})")
+    return row[column]
+
+
 def documents(source: TextSource):
     """Iterate the documents of a source as strings (used for tokenizer training and for checks)."""
     current_key, parts = object(), []
     for row in source.dataset:
-        if source.text_column not in row:
-            raise DataError(f"column {source.text_column!r} not in the data (columns: {sorted(row)})")
+        text = row_text(row, source.text_column)
         key = row[source.document_column] if source.document_column else object()
         if parts and key != current_key:
             yield "\n".join(parts)
             parts = []
         current_key = key
-        parts.append(row[source.text_column])
+        parts.append(text)
     if parts:
         yield "\n".join(parts)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from .corpus import DataError, TextSource
+from .corpus import DataError, TextSource, row_text
 
 
 class PackedStream:
@@ -49,13 +49,12 @@ class PackedStream:
             self.buffer.extend(self.tokens_of(row))
 
     def tokens_of(self, row: dict) -> list[int]:
-        column, key_column = self.source.text_column, self.source.document_column
-        if column not in row:
-            raise DataError(f"column {column!r} not in the data (columns: {sorted(row)})")
+        text, key_column = row_text(row, self.source.text_column), self.source.document_column
         key = row[key_column] if key_column else None
         starts_document = key_column is None or key != self.last_document
         self.last_document = key
-        text = row[column] if starts_document or not key_column else "\n" + row[column]
+        if not starts_document:  # a further row of the same document
+            text = "\n" + text
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ([self.tokenizer.eos_token_id] if starts_document else []) + ids
 

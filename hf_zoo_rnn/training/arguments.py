@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from ..config_files import ConfigFileError, read_yaml
+from ..config_files import ConfigFileError, check_known_keys, read_yaml
 from ..zo import ZOConfig
 
 OPTIMIZERS = ("zo", "bptt_sgd", "bptt_adamw")
@@ -123,9 +123,7 @@ def parse_arguments(argv: list[str] | None = None):
         del argv[index : index + 2]
         values = read_yaml(path)
         known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigFileError(f"{path}: unknown key(s) {unknown}; see `python scripts/train.py --help`")
+        check_known_keys(values, known, path, "scripts/train.py (see --help)")
         parser.set_defaults(**values)
     model_args, data_args, train_args, zo_config = parser.parse_args_into_dataclasses(args=argv)
     check_choices(model_args, train_args)
