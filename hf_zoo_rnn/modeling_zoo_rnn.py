@@ -96,46 +96,57 @@ def gru_dense(x, W, R, b, state):
 
 
 def lstm_loop(x, W, R, b, state):
-    """LSTM as a head-major loop. Shapes as `lstm_dense`; returns (h of every step [B,T,N,D], state [2,B,N,D]).
-
-    Each gate is one batched matmul per step against a transposed *view* of R: nothing weight-sized is ever
-    copied, which matters when R holds a billion parameters."""
+    """LSTM as a head-major loop. Shapes as `lstm_dense`; returns (h of every step [B,T,N,D], state [2,B,N,D])."""
     batch, steps, _ = x.shape
-    _, heads, dim = b.shape
-    # input pre-activations laid out [T, gate, N, B, D] so xt[t, g] is the additive term of gate g at step t
-    xt = (F.linear(x, W).view(batch, steps, 4, heads, dim) + b).permute(1, 2, 3, 0, 4).contiguous()
-    r = R.transpose(2, 3)  # [4, N, D_in, D_out], a view
-    h, c = state[0].transpose(0, 1), state[1].transpose(0, 1)
+    return lstm_steps(F.linear(x, W).view(batch, steps, 4, *b.shape[1:]), R, b, state)
+
+
+def lstm_steps(wx, R, b, state):
+    """The LSTM loop on projected inputs. wx [B, T, 4, *H, D], R [4, *H, D, D], b [4, *H, D], state [2, B, *H, D],
+    where the head dims *H are (N,) for one model and (P, N) for P stacked models.
+
+    Each gate is one batched matmul per step against a transposed *view* of R, and the inputs are read through
+    views: nothing weight- or input-sized is re-laid out, which matters when R holds a billion parameters."""
+    xb = wx + b  # bias folded in once; still [B, T, 4, *H, D]
+    r = R.transpose(-1, -2)  # [4, *H, D_in, D_out], a view
+    # [*H, B, D], contiguous: elementwise results inherit their inputs' layout, and matmul wants this one
+    h, c = state[0].movedim(0, -2).contiguous(), state[1].movedim(0, -2).contiguous()
     outputs = []
-    for t in range(steps):
-        i = torch.sigmoid(torch.baddbmm(xt[t, 0], h, r[0]))
-        f = torch.sigmoid(torch.baddbmm(xt[t, 1], h, r[1]))
-        z = torch.tanh(torch.baddbmm(xt[t, 2], h, r[2]))
-        o = torch.sigmoid(torch.baddbmm(xt[t, 3], h, r[3]))
+    for t in range(wx.shape[1]):
+        x = xb[:, t].movedim(0, -2)  # [4, *H, B, D], a view
+        i = torch.sigmoid(torch.matmul(h, r[0]).add_(x[0]))
+        f = torch.sigmoid(torch.matmul(h, r[1]).add_(x[1]))
+        z = torch.tanh(torch.matmul(h, r[2]).add_(x[2]))
+        o = torch.sigmoid(torch.matmul(h, r[3]).add_(x[3]))
         c = torch.addcmul(f * c, i, z)
         h = o * torch.tanh(c)
         outputs.append(h)
-    return torch.stack(outputs).permute(2, 0, 1, 3), torch.stack((h, c)).transpose(1, 2)
+    return torch.stack(outputs).movedim(-2, 0), torch.stack((h, c)).movedim(-2, 1)
 
 
 def gru_loop(x, W, R, b, state):
-    """GRU as a head-major loop: h' = z * h + (1 - z) * tanh(x_n + b_in + r * (R_n h + b_hn)); per-gate matmuls
-    against transposed views of R, as in `lstm_loop`."""
+    """GRU as a head-major loop. Shapes as `gru_dense`."""
     batch, steps, _ = x.shape
-    _, heads, dim = b.shape
-    wx = F.linear(x, W).view(batch, steps, 3, heads, dim).permute(1, 2, 3, 0, 4)  # [T, gate (r, z, n), N, B, D]
-    b_hn, b_r, b_z, b_in = (row[:, None, :] for row in b)  # each [N, 1, D]
-    x_r, x_z, x_n = (wx[:, 0] + b_r).contiguous(), (wx[:, 1] + b_z).contiguous(), (wx[:, 2] + b_in).contiguous()
-    r = R.transpose(2, 3)  # [3 (n, r, z), N, D_in, D_out], a view
-    h = state[0].transpose(0, 1)
+    return gru_steps(F.linear(x, W).view(batch, steps, 3, *b.shape[1:]), R, b, state)
+
+
+def gru_steps(wx, R, b, state):
+    """The GRU loop on projected inputs, shapes as `lstm_steps` with 3 gates: h' = z * h + (1 - z) * tanh(x_n +
+    b_in + r * (R_n h + b_hn)); wx gates (r, z, n), R gates (n, r, z)."""
+    b_hn, b_r, b_z, b_in = b
+    xb = wx + torch.stack((b_r, b_z, b_in))  # [B, T, 3, *H, D]
+    r = R.transpose(-1, -2)  # [3, *H, D_in, D_out], a view
+    b_hn = b_hn.unsqueeze(-2)  # [*H, 1, D]
+    h = state[0].movedim(0, -2).contiguous()  # [*H, B, D], the layout matmul wants
     outputs = []
-    for t in range(steps):
-        reset = torch.sigmoid(torch.baddbmm(x_r[t], h, r[1]))
-        update = torch.sigmoid(torch.baddbmm(x_z[t], h, r[2]))
-        candidate = torch.tanh(torch.addcmul(x_n[t], reset, torch.baddbmm(b_hn, h, r[0])))
+    for t in range(wx.shape[1]):
+        x = xb[:, t].movedim(0, -2)  # [3, *H, B, D], a view
+        reset = torch.sigmoid(torch.matmul(h, r[1]).add_(x[0]))
+        update = torch.sigmoid(torch.matmul(h, r[2]).add_(x[1]))
+        candidate = torch.tanh(torch.matmul(h, r[0]).add_(b_hn).mul_(reset).add_(x[2]))
         h = torch.lerp(candidate, h, update)
         outputs.append(h)
-    return torch.stack(outputs).permute(2, 0, 1, 3), h.transpose(0, 1)[None]
+    return torch.stack(outputs).movedim(-2, 0), h.movedim(-2, 0)[None]
 
 
 TORCH_CELLS = {
@@ -144,6 +155,7 @@ TORCH_CELLS = {
     ("lstm", "loop"): lstm_loop,
     ("gru", "loop"): gru_loop,
 }
+PROJECTED_CELLS = {"lstm": lstm_steps, "gru": gru_steps}
 
 
 def resolve_backend(requested: str, cell: str, device: torch.device) -> str:
@@ -166,13 +178,53 @@ def resolve_backend(requested: str, cell: str, device: torch.device) -> str:
 def run_recurrence(cell: str, backend: str, x, W, R, b, state):
     """One recurrent call over x [B,T,E]: (h of every step [B,T,N,D], last state [S,B,N,D])."""
     heads, dim = b.shape[1:]
+    if backend == "torch" and cpu_path(heads, heads * dim) == "dense":
+        return TORCH_CELLS[cell, "dense"](x, W, R, b, state)
+    return run_projected(cell, backend, F.linear(x, W).view(*x.shape[:2], -1, heads, dim), R, b, state)
+
+
+def run_projected(cell: str, backend: str, wx, R, b, state):
+    """The recurrence on projected inputs wx [B, T, G, *H, D] (shapes as `lstm_steps`): the torch loop or a FlashRNN
+    kernel, which sees the head dims *H flattened into one."""
     if backend == "torch":
-        return TORCH_CELLS[cell, cpu_path(heads, heads * dim)](x, W, R, b, state)
-    wx = F.linear(x, W).view(x.shape[0], x.shape[1], -1, heads, dim)
+        return PROJECTED_CELLS[cell](wx, R, b, state)
+    batch, steps, gates, *heads, dim = wx.shape
     states_all, last = flashrnn_kernel(
-        Wx=wx, R=R, b=b, states=state[:, :, None], function=cell, backend=backend, dtype=FLASHRNN_DTYPES[wx.dtype]
+        Wx=wx.reshape(batch, steps, gates, -1, dim),
+        R=R.reshape(R.shape[0], -1, dim, dim),
+        b=b.reshape(b.shape[0], -1, dim),
+        states=state.reshape(state.shape[0], batch, 1, -1, dim),
+        function=cell,
+        backend=backend,
+        dtype=FLASHRNN_DTYPES[wx.dtype],
     )
-    return states_all[0], last[:, :, 0]
+    return states_all[0].view(batch, steps, *heads, dim), last[:, :, 0].view(state.shape)
+
+
+def stacked_linear(x, weight, bias=None):
+    """P linear layers at once: x [P, ..., in], weight [P, out, in], bias [P, out] -> [P, ..., out]. One bmm over
+    flattened rows (torch.matmul would broadcast, and so copy, the weight for every leading dimension)."""
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    out = (
+        torch.bmm(rows, weight.transpose(1, 2))
+        if bias is None
+        else torch.baddbmm(bias[:, None], rows, weight.transpose(1, 2))
+    )
+    return out.view(*x.shape[:-1], weight.shape[1])
+
+
+def stacked_layer_norm(x, weight, bias, eps: float):
+    """LayerNorm of P models at once: x [P, ..., C], weight and bias [P, C]."""
+    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
+    return torch.addcmul(bias.view(shape), F.layer_norm(x, x.shape[-1:], eps=eps), weight.view(shape))
+
+
+def shifted_targets(labels: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Next-token targets of positions [start, end): labels[start + 1 : end + 1]; the last position has none."""
+    targets = labels[:, start + 1 : end + 1]
+    if end == labels.shape[1]:
+        targets = F.pad(targets, (0, 1), value=IGNORE_INDEX)
+    return targets
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -224,23 +276,44 @@ class ZooRnnLayer(nn.Module):
     def forward(self, x: torch.Tensor, state: torch.Tensor):
         batch, steps, _ = x.shape
         normed = self.norm(x) if self.norm is not None else x
-        backend = resolve_backend(self.configured_backend, self.cell, x.device)
+        h_all, state = self.recur(
+            run_recurrence, normed, self.input_proj.weight, self.recurrent_kernel, self.bias, state
+        )
+        out = h_all.reshape(batch, steps, -1)
+        return (out + x if self.residual else out), state
+
+    def stacked_forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor], state: torch.Tensor):
+        """P copies of this layer with their own weights, run as one layer of P * N heads.
+
+        x [P, B, T, in]; `weights` maps this layer's parameter names to [P, *shape] stacks; state [S, B, P, N, D].
+        """
+        models, batch, steps, _ = x.shape
+        heads, dim = self.num_heads, self.head_dim
+        normed = x
+        if self.norm is not None:
+            normed = stacked_layer_norm(x, weights["norm.weight"], weights["norm.bias"], self.norm.eps)
+        wx = stacked_linear(normed, weights["input_proj.weight"]).view(models, batch, steps, -1, heads, dim)
+        # head dims (P, N) = model p, head n. R is laid out so once (matmul folds (P, N) into one batch dim only
+        # when they are contiguous); wx and b are only viewed
+        R = weights["recurrent_kernel"].transpose(0, 1).contiguous()  # [G, P, N, D, D]
+        b = weights["bias"].transpose(0, 1)  # [G_b, P, N, D]
+        h_all, state = self.recur(run_projected, wx.permute(1, 2, 3, 0, 4, 5), R, b, state)  # h_all [B, T, P, N, D]
+        out = h_all.permute(2, 0, 1, 3, 4).reshape(models, batch, steps, heads * dim)
+        return (out + x if self.residual else out), state
+
+    def recur(self, run, *inputs):
+        """`run(cell, backend, *inputs)` on this layer's backend. FlashRNN raises ValueError when its fused kernel
+        cannot fit the shape; "auto" then uses `cuda` for this layer from now on."""
+        backend = resolve_backend(self.configured_backend, self.cell, inputs[0].device)
         if backend == "cuda_fused" and self._fused_fallback:
             backend = "cuda"
         try:
-            h_all, state = run_recurrence(
-                self.cell, backend, normed, self.input_proj.weight, self.recurrent_kernel, self.bias, state
-            )
+            return run(self.cell, backend, *inputs)
         except ValueError:
-            # FlashRNN raises ValueError when the fused kernel cannot fit the shape; "auto" then uses `cuda`.
             if backend != "cuda_fused" or self.configured_backend != "auto":
                 raise
             self._fused_fallback = True
-            h_all, state = run_recurrence(
-                self.cell, "cuda", normed, self.input_proj.weight, self.recurrent_kernel, self.bias, state
-            )
-        out = h_all.reshape(batch, steps, -1)
-        return (out + x if self.residual else out), state
+            return run(self.cell, "cuda", *inputs)
 
 
 class ZooRnnPreTrainedModel(PreTrainedModel):
@@ -375,25 +448,25 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
                 "ZooRnn is recurrent and cannot skip padded positions (attention_mask has zeros): "
                 "pass unpadded inputs, e.g. one prompt at a time or prompts of equal length"
             )
-        embeds = self.model.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        steps = embeds.shape[1]
-        if labels is not None:
-            # Shift once over the whole sequence so chunk boundaries lose no target.
-            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        loss_dtype = torch.promote_types(embeds.dtype, torch.float32)  # never score in half precision
-        loss_sum = embeds.new_zeros((), dtype=loss_dtype)
+        # Embed and score chunk by chunk: nothing context-sized is allocated besides the inputs themselves.
+        source = input_ids if inputs_embeds is None else inputs_embeds
+        steps = source.shape[1]
+        weight_dtype = self.model.embeddings.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
+        loss_dtype = torch.promote_types(weight_dtype, torch.float32)  # never score in half precision
+        loss_sum = torch.zeros((), dtype=loss_dtype, device=source.device)
         scored = 0
         kept_logits = []
         keep_from = 0 if logits_to_keep == 0 else max(steps - logits_to_keep, 0)
         start = 0
-        for chunk in embeds.split(self.config.chunk_size, dim=1):
-            end = start + chunk.shape[1]
+        for piece in source.split(self.config.chunk_size, dim=1):
+            end = start + piece.shape[1]
+            chunk = self.model.embeddings(piece) if inputs_embeds is None else piece
             out = self.model(inputs_embeds=chunk, state=state, use_cache=True)
             state = out.state
             if labels is not None or end > keep_from:
                 logits = self.lm_head(out.last_hidden_state)
                 if labels is not None:
-                    chunk_targets = targets[:, start:end]
+                    chunk_targets = shifted_targets(labels, start, end)
                     loss_sum = loss_sum + F.cross_entropy(
                         logits.to(loss_dtype).flatten(0, 1),
                         chunk_targets.flatten(),
@@ -410,6 +483,60 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
             logits=torch.cat(kept_logits, dim=1),
             state=state if use_cache else None,
         )
+
+    def stacked_loss(
+        self, parameters: dict[str, torch.Tensor], input_ids: torch.LongTensor, labels: torch.LongTensor
+    ) -> torch.Tensor:
+        """Losses of P models in one forward (zero-order probes): `parameters` maps every parameter name, tied
+        weights once as `named_parameters()` lists them, to a [P, *shape] stack of the P models' values.
+
+        Each layer runs as one layer of P * N heads — the block-diagonal recurrence makes P models one wider
+        model — so P small models cost far less than P forwards. Returns [P] losses; model p's equals
+        `forward(input_ids, labels=labels).loss` with its parameters, up to floating-point summation order.
+        """
+        config = self.config
+        embeddings = parameters["model.embeddings.weight"]  # [P, V, E]
+        models, batch = embeddings.shape[0], input_ids.shape[0]
+        head_weight = embeddings if config.tie_word_embeddings else parameters["lm_head.weight"]
+        head_bias = parameters.get("lm_head.bias")
+        layer_weights = []
+        for i in range(config.num_hidden_layers):
+            prefix = f"model.layers.{i}."
+            layer_weights.append({k.removeprefix(prefix): v for k, v in parameters.items() if k.startswith(prefix)})
+        state_shape = (CELL_SHAPES[config.cell][3], batch, models, config.num_heads, config.head_dim)
+        states = [embeddings.new_zeros(state_shape) for _ in layer_weights]
+        loss_dtype = torch.promote_types(embeddings.dtype, torch.float32)
+        loss_sum = embeddings.new_zeros(models, dtype=loss_dtype)
+        start, scored = 0, 0
+        for chunk_ids in input_ids.split(config.chunk_size, dim=1):
+            hidden = embeddings[:, chunk_ids]  # [P, B, t, E]
+            for i, layer in enumerate(self.model.layers):
+                hidden, states[i] = layer.stacked_forward(hidden, layer_weights[i], states[i])
+            if self.model.norm_f is not None:
+                weight, bias = parameters["model.norm_f.weight"], parameters["model.norm_f.bias"]
+                hidden = stacked_layer_norm(hidden, weight, bias, config.layer_norm_eps)
+            logits = stacked_linear(hidden, head_weight, head_bias)  # [P, B, t, V]
+            chunk_targets = shifted_targets(labels, start, start + chunk_ids.shape[1])
+            scored += int((chunk_targets != IGNORE_INDEX).sum())
+            losses = F.cross_entropy(
+                logits.to(loss_dtype).flatten(0, 2),
+                chunk_targets.expand(models, -1, -1).flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            )
+            loss_sum += losses.view(models, -1).sum(1)
+            start += chunk_ids.shape[1]
+        return loss_sum / scored
+
+    def stacked_bytes_per_model(self, batch_size: int, steps: int) -> int:
+        """Rough memory one more model adds to `stacked_loss`: its weights, and one time chunk of activations
+        (embeddings, projected inputs and their re-laid copy, hidden states, logits and their log-softmax)."""
+        config = self.config
+        input_gates = CELL_SHAPES[config.cell][0]
+        weights = sum(p.numel() * p.element_size() for p in self.parameters())
+        per_token = config.embedding_size + config.num_hidden_layers * config.hidden_size * (2 * input_gates + 2)
+        per_token += 2 * config.vocab_size
+        return weights + batch_size * min(steps, config.chunk_size) * per_token * 4
 
 
 __all__ = ["ZooRnnForCausalLM", "ZooRnnModel", "ZooRnnPreTrainedModel", "ZooRnnLayer"]

@@ -240,3 +240,36 @@ def test_flashrnn_cuda_matches_cpu(cell, backend, dtype, tolerance):
         gpu.load_state_dict(model.state_dict())
         logits = gpu.to("cuda", dtype).eval()(ids.cuda()).logits.float().cpu()
     assert (logits - reference).abs().max() <= tolerance
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},  # the paper's model: one layer, untied head with bias
+        {"num_hidden_layers": 2, "layer_norm": True, "embedding_size": 24, "residual": True},
+        {"tie_word_embeddings": True, "output_bias": False, "embedding_size": 24},
+    ],
+)
+def test_stacked_loss_equals_each_models_own_forward(cell, variant):
+    """P models with different weights, run as one model of P * N heads, give each model's own loss."""
+    torch.manual_seed(0)
+    model = ZooRnnForCausalLM(small_config(cell=cell, **variant)).double().eval()
+    names = [name for name, _ in model.named_parameters()]
+    copies = 3
+    stacks = {
+        name: p.detach() + 0.3 * torch.randn(copies, *p.shape, dtype=p.dtype) for name, p in model.named_parameters()
+    }
+    ids = torch.randint(0, 64, (2, 13))  # chunk_size 5: the state crosses two chunk boundaries
+    labels = ids.clone()
+    labels[0, :4] = -100
+    with torch.no_grad():
+        stacked = model.stacked_loss(stacks, ids, labels)
+        expected = []
+        for copy in range(copies):
+            for name, param in model.named_parameters():
+                param.copy_(stacks[name][copy])
+            expected.append(model(ids, labels=labels).loss)
+    assert stacked.shape == (copies,) and len(set(names)) == len(stacks)
+    assert (stacked - torch.stack(expected)).abs().max() <= 1e-10
+    assert (stacked[1:] - stacked[:-1]).abs().min() > 1e-4  # the copies really differ
