@@ -9,9 +9,10 @@ from conftest import small_config
 from torch import nn
 
 from hf_zoo_rnn import ZooRnnForCausalLM
-from hf_zoo_rnn.zo import Perturber, ZOConfig, ZOOptimizer, noise, stream_seed, zo_parameters
+from hf_zoo_rnn.zo import Perturber, StackedLoss, ZOConfig, ZOOptimizer, noise, stream_seed, zo_parameters
 from hf_zoo_rnn.zo.estimator import probe_coefficients, projected_gradients, reported_loss
 from hf_zoo_rnn.zo.noise import splitmix64
+from hf_zoo_rnn.zo.optimizer import probes_per_forward
 
 
 def tiny_lm(dtype=torch.float32, seed=0, **overrides):
@@ -415,3 +416,68 @@ def test_lstm_lm_overfits_one_batch_with_zo_alone():
             break
     assert start > 2.0
     assert loss_fn().item() < 0.1
+
+
+# -- probe stacking ---------------------------------------------------------------------------------------------------
+
+
+def stacked_loss_for(model, ids, bytes_per_model=None):
+    names = [name for name, _ in zo_parameters(model)]
+    return StackedLoss(
+        fn=lambda points: model.stacked_loss(dict(zip(names, points, strict=True)), ids, ids),
+        bytes_per_model=bytes_per_model or model.stacked_bytes_per_model(*ids.shape),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_points_are_the_sequential_points_bit_for_bit(dtype):
+    model = tiny_lm(dtype)
+    params = [p for _, p in zo_parameters(model)]
+    perturber = Perturber(params, "rademacher", max_chunk_elements=50)
+    streams = [[stream_seed(3, 0, probe, i) for i in range(len(params))] for probe in (4, 9)]
+    points, z_cache = perturber.stacked(streams, (0.01, -0.01), keep_z=True)
+    before = snapshot(model)
+    perturber.snapshot()
+    for j, probe_streams in enumerate(streams):
+        assert bitwise_equal([z.view_as(p) for z, p in zip(z_cache[j], params, strict=True)],
+                             [perturber.z(s, i, 0, p.numel()).view_as(p) for i, (s, p) in enumerate(zip(probe_streams, params, strict=True))])  # fmt: skip
+        for k, scale in enumerate((0.01, -0.01)):
+            perturber.perturb(probe_streams, scale)
+            assert bitwise_equal(snapshot(model), [stack[2 * j + k] for stack in points])
+    perturber.restore()
+    assert bitwise_equal(snapshot(model), before)  # stacking never moved theta
+
+
+@pytest.mark.parametrize("mode", ["replay", "buffer"])
+@pytest.mark.parametrize("difference", ["central", "forward"])
+def test_stacked_probes_give_the_sequential_step(mode, difference):
+    ids = torch.randint(0, 12, (4, 10))
+    runs = {}
+    for per_forward in (1, 3, 0):  # one at a time; groups of 3 (the last group holds 2); automatic
+        model = tiny_lm(torch.float64)
+        config = ZOConfig(num_probes=8, lr=0.1, update_mode=mode, difference=difference, probes_per_forward=per_forward)
+        zo = ZOOptimizer(model, config)
+        losses = [zo.step(lm_loss(model, ids), stacked_loss=stacked_loss_for(model, ids)).loss for _ in range(2)]
+        runs[per_forward] = losses, snapshot(model)
+    reference_losses, reference_weights = runs[1]
+    for losses, weights in (runs[3], runs[0]):
+        assert losses == pytest.approx(reference_losses, abs=1e-12)
+        assert all((a - b).abs().max() < 1e-12 for a, b in zip(weights, reference_weights, strict=True))
+    assert not bitwise_equal(reference_weights, snapshot(tiny_lm(torch.float64)))  # the steps did move theta
+
+
+def test_probes_per_forward_follows_the_memory_budget():
+    assert probes_per_forward(4, probes=16, models_per_probe=2, bytes_per_model=100, budget_mb=1) == 4
+    assert probes_per_forward(64, probes=16, models_per_probe=2, bytes_per_model=100, budget_mb=1) == 16
+    mib = 2**20
+    assert probes_per_forward(0, probes=16, models_per_probe=2, bytes_per_model=mib, budget_mb=10) == 5
+    assert probes_per_forward(0, probes=16, models_per_probe=2, bytes_per_model=mib, budget_mb=1) == 1  # never 0
+
+
+def test_stacking_without_a_stacked_loss_is_rejected():
+    model = tiny_lm()
+    zo = ZOOptimizer(model, ZOConfig(num_probes=4, lr=0.1, probes_per_forward=2))
+    with pytest.raises(ValueError, match="probes_per_forward=2 needs a stacked_loss"):
+        zo.step(lm_loss(model, torch.randint(0, 12, (2, 5))))
+    with pytest.raises(ValueError, match="probes_per_forward must be >= 0"):
+        ZOConfig(lr=0.1, probes_per_forward=-1)

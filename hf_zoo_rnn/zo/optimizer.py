@@ -8,6 +8,8 @@ Memory (d = number of parameters, b = bytes per weight):
   (buffers and update arithmetic are fp32, or fp64 for fp64 weights)
   update_mode="buffer" adds 8d (the current probe's fp32 z and this process's fp32 sum of g_i z_i) and in
   exchange generates each z once per step instead of three times.
+  probes_per_forward=P > 1 evaluates P probes (2P perturbed models) in one stacked forward instead of moving
+  theta: 2P*d*b for the stacked weights, plus P-fold activations (bounded by stacked_memory_mb when P is auto).
 """
 
 import dataclasses
@@ -55,6 +57,16 @@ class ZOConfig:
     )
     update_mode: str = field(default="replay", metadata={"help": "replay (no extra memory) or buffer (faster)"})
     max_chunk_elements: int = field(default=1 << 24, metadata={"help": "bound on temporary z per tensor piece"})
+    probes_per_forward: int = field(
+        default=1,
+        metadata={
+            "help": "probes evaluated together, their perturbed models stacked as one wider model (1: one model at "
+            "a time, theta perturbed in place; 0: as many as fit in stacked_memory_mb)"
+        },
+    )
+    stacked_memory_mb: float = field(
+        default=1024.0, metadata={"help": "memory budget of the stacked models when probes_per_forward is 0"}
+    )
     seed: int = field(default=0, metadata={"help": "run seed: with step and probe index it fixes every z"})
 
     def __post_init__(self):
@@ -73,6 +85,11 @@ class ZOConfig:
             raise ValueError("ZOConfig.lr must be unset when tied=True (the paper's update uses lr = eps)")
         if self.num_probes < 1 or self.max_chunk_elements < 1:
             raise ValueError("ZOConfig.num_probes and max_chunk_elements must be positive")
+        if self.probes_per_forward < 0 or self.stacked_memory_mb <= 0:
+            raise ValueError(
+                f"ZOConfig.probes_per_forward must be >= 0 (0: automatic) and stacked_memory_mb positive, got "
+                f"{self.probes_per_forward} and {self.stacked_memory_mb}"
+            )
         if self.eps <= 0:
             raise ValueError(f"ZOConfig.eps must be positive, got {self.eps}")
 
@@ -82,6 +99,21 @@ def schedule(name: str, warmup_steps: int, total_steps: int | None) -> Callable[
     holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     scheduler = get_scheduler(name, holder, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
     return scheduler.lr_lambdas[0]
+
+
+@dataclass
+class StackedLoss:
+    """How to evaluate several perturbed models in one forward (e.g. `ZooRnnForCausalLM.stacked_loss`)."""
+
+    fn: Callable[[list[torch.Tensor]], torch.Tensor]  # one [M, *shape] stack per ZO tensor -> the M models' losses
+    bytes_per_model: int  # what one more stacked model costs in memory (weights + activations)
+
+
+def probes_per_forward(requested: int, probes: int, models_per_probe: int, bytes_per_model: int, budget_mb: float):
+    """How many probes one stacked forward evaluates: `requested`, or with 0 as many as fit in the budget."""
+    if requested == 0:
+        requested = int(budget_mb * 2**20 // (models_per_probe * bytes_per_model))
+    return max(1, min(requested, probes))
 
 
 @dataclass
@@ -152,8 +184,11 @@ class ZOOptimizer:
         rank: int = 0,
         world_size: int = 1,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        stacked_loss: StackedLoss | None = None,
     ) -> ZOStepStats:
         config = self.config
+        if config.probes_per_forward != 1 and stacked_loss is None:
+            raise ValueError(f"ZOConfig.probes_per_forward={config.probes_per_forward} needs a stacked_loss")
         if config.num_probes % world_size:
             raise ValueError(f"num_probes={config.num_probes} is not divisible by the {world_size} processes")
         per_rank = config.num_probes // world_size
@@ -161,47 +196,59 @@ class ZOOptimizer:
         eps, lr = self.current_eps(), self.current_lr()
         use_buffer = config.update_mode == "buffer"
 
+        scales = (eps, -eps) if config.difference == "central" else (eps,)
+        group = 1
+        if stacked_loss is not None:
+            group = probes_per_forward(
+                config.probes_per_forward, per_rank, len(scales), stacked_loss.bytes_per_model, config.stacked_memory_mb
+            )
+
         started, forward_seconds = time.perf_counter(), 0.0
 
-        def timed_loss() -> float:
+        def timed_losses(fn, *args) -> torch.Tensor:
             nonlocal forward_seconds
             start = time.perf_counter()
-            value = evaluate(loss_fn)
+            with torch.inference_mode():
+                values = fn(*args).detach().to("cpu", torch.float64).reshape(-1)
             forward_seconds += time.perf_counter() - start
-            return value
+            return values
 
-        self.perturber.snapshot()
-        base = timed_loss() if config.difference == "forward" else None
+        base = timed_losses(loss_fn) if config.difference == "forward" else None
         local = torch.empty(per_rank, 2, dtype=torch.float64)
         partial = (
             [torch.zeros(p.numel(), dtype=compute_dtype(p), device=p.device) for p in self.params]
             if use_buffer
             else None
         )
-        for row, probe in enumerate(owned):
-            streams = self.streams(probe)
-            z_cache = (
-                [self.perturber.z(streams[i], i, 0, p.numel()) for i, p in enumerate(self.params)]
-                if use_buffer
-                else None
-            )
-            self.perturber.perturb(streams, eps, z_cache)
-            plus = timed_loss()
-            if config.difference == "central":
-                self.perturber.perturb(streams, -eps, z_cache)
-                second = timed_loss()
-            else:
-                second = base
-            self.perturber.restore()
-            local[row] = torch.tensor([plus, second], dtype=torch.float64)
-            if use_buffer:
-                coefficient, kept = probe_coefficients(
-                    local[row, :1], local[row, 1:], eps, config.difference, config.clip_projected_gradient
+        if group == 1:
+            self.perturber.snapshot()
+            for row, probe in enumerate(owned):
+                streams = self.streams(probe)
+                z_cache = (
+                    [self.perturber.z(streams[i], i, 0, p.numel()) for i, p in enumerate(self.params)]
+                    if use_buffer
+                    else None
                 )
-                if kept:
-                    for acc, z in zip(partial, z_cache, strict=True):
-                        acc.add_(z, alpha=coefficient.item())
-        self.perturber.release()
+                for column, scale in enumerate(scales):
+                    self.perturber.perturb(streams, scale, z_cache)
+                    local[row, column] = timed_losses(loss_fn)
+                self.perturber.restore()
+                if base is not None:
+                    local[row, 1] = base
+                if use_buffer:
+                    self.accumulate(partial, z_cache, local[row])
+            self.perturber.release()
+        else:
+            for first in range(0, per_rank, group):
+                rows = range(first, min(first + group, per_rank))
+                points, z_cache = self.perturber.stacked([self.streams(owned[r]) for r in rows], scales, use_buffer)
+                local[first : rows.stop, : len(scales)] = timed_losses(stacked_loss.fn, points).view(-1, len(scales))
+                del points
+                if base is not None:
+                    local[first : rows.stop, 1] = base
+                if use_buffer:
+                    for row, z in zip(rows, z_cache, strict=True):
+                        self.accumulate(partial, z, local[row])
 
         losses = gather(local) if gather is not None else local
         first, second = losses[:, 0], losses[:, 1]
@@ -231,6 +278,17 @@ class ZOOptimizer:
         )
         self.step_count += 1
         return stats
+
+    def accumulate(self, partial: list[torch.Tensor], z: list[torch.Tensor], losses: torch.Tensor) -> None:
+        """Buffer mode: add this probe's c_i z_i to this process's partial sum (the z it was evaluated with)."""
+        config = self.config
+        eps = self.current_eps()
+        coefficient, kept = probe_coefficients(
+            losses[:1], losses[1:], eps, config.difference, config.clip_projected_gradient
+        )
+        if kept:
+            for acc, z_tensor in zip(partial, z, strict=True):
+                acc.add_(z_tensor, alpha=coefficient.item())
 
     @torch.no_grad()
     def apply_update(self, coefficients, kept, lr, rank, per_rank, partial) -> float:
@@ -313,11 +371,6 @@ class ZOOptimizer:
         for name, tensors in state["buffers"].items():
             for target, source in zip(self.buffers[name], tensors, strict=True):
                 target.copy_(source)
-
-
-def evaluate(loss_fn: Callable[[], torch.Tensor]) -> float:
-    with torch.inference_mode():
-        return float(loss_fn())
 
 
 def projected_gradient_values(first, second, eps, difference, kept) -> torch.Tensor:

@@ -10,7 +10,7 @@ Tensors are visited in chunks of at most `max_chunk_elements`, so the temporary 
 bounded; z itself does not depend on the chunking (see noise.py).
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -71,6 +71,33 @@ class Perturber:
                 # out-of-place: .to() of a tensor already in that dtype is the tensor itself, and the backup must not move
                 piece = torch.add(source[start : start + length].to(compute_dtype(param)), z, alpha=scale)
                 flat[start : start + length] = piece.to(param.dtype)
+
+    @torch.no_grad()
+    def stacked(
+        self, streams: Sequence[list[int]], scales: Sequence[float], keep_z: bool = False
+    ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]] | None]:
+        """theta + scale * z_j for every probe j (its stream seeds) and every scale, as one [J * S, *shape] stack
+        per tensor, probe-major; theta itself is not touched. Each point is computed exactly as `perturb` computes
+        it, so stacked and sequential evaluation see bit-identical weights. With `keep_z`, also each probe's flat
+        fp32 z per tensor (for the buffered update)."""
+        rows = len(streams) * len(scales)
+        stacks, kept = [], [[] for _ in streams]
+        for index, param in enumerate(self.params):
+            stack = torch.empty((rows, param.numel()), dtype=param.dtype, device=param.device)
+            source = param.detach().view(-1)
+            for j, probe_streams in enumerate(streams):
+                pieces = []
+                for start, length in self.chunks(index):
+                    z = self.z(probe_streams[index], index, start, length)
+                    base = source[start : start + length].to(compute_dtype(param))
+                    for k, scale in enumerate(scales):
+                        stack[j * len(scales) + k, start : start + length] = torch.add(base, z, alpha=scale)
+                    if keep_z:
+                        pieces.append(z)
+                if keep_z:
+                    kept[j].append(torch.cat(pieces))
+            stacks.append(stack.view(rows, *param.shape))
+        return stacks, (kept if keep_z else None)
 
     @torch.no_grad()
     def restore(self) -> None:
