@@ -299,3 +299,17 @@ def test_big_models_are_saved_in_shards(tmp_path):
     assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.num_parameters() > 0
+
+
+def test_stacked_probes_train_like_sequential_ones_and_early_stop_ends_the_run(tmp_path):
+    losses = {}
+    for per_forward in ("1", "2"):
+        out = tmp_path / f"probes-{per_forward}"
+        run(fast_args(out, "--max_steps", "3", "--eval_steps", "0", "--save_steps", "0", "--lr", "0.05",
+                      "--probes_per_forward", per_forward, "--log_with", "none"))  # fmt: skip
+        losses[per_forward] = train_losses(out)
+    assert losses["2"] == pytest.approx(losses["1"], abs=1e-5)
+    out = tmp_path / "early"
+    final = run(fast_args(out, "--max_steps", "50", "--eval_steps", "0", "--save_steps", "0", "--log_with", "none",
+                          "--stop_at_train_loss", "100"))  # fmt: skip
+    assert len(train_losses(out)) == 1 and (out / "checkpoint-1").is_dir() and "eval_loss" in final

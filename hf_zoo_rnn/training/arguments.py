@@ -69,6 +69,9 @@ class TrainArguments:
     output_dir: str = field(default="outputs/default", metadata={"help": "checkpoints, logs and the final model"})
     optimizer: str = field(default="zo", metadata={"help": "zo, or a BPTT baseline: bptt_sgd, bptt_adamw"})
     max_steps: int = field(default=400, metadata={"help": "optimisation steps"})
+    stop_at_train_loss: float | None = field(
+        default=None, metadata={"help": "end training early once the train loss is below this (overfitting runs)"}
+    )
     bptt_lr: float = field(default=1e-3, metadata={"help": "learning rate of the BPTT baselines"})
     bptt_truncation: int | None = field(
         default=None, metadata={"help": "time steps per backward (default: the model's chunk_size)"}

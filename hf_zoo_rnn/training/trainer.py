@@ -28,7 +28,7 @@ from ..configuration_zoo_rnn import ZooRnnConfig
 from ..data import PackedStream, TaskStream, build_tokenizer, documents, open_text_source
 from ..hub import RESUME_ONLY, HubPusher, resolve_hub_checkpoint
 from ..modeling_zoo_rnn import IGNORE_INDEX, ZooRnnForCausalLM
-from ..zo import ZOConfig, ZOOptimizer
+from ..zo import StackedLoss, ZOConfig, ZOOptimizer
 from .arguments import DataArguments, ModelArguments, TrainArguments
 from .checkpoints import CheckpointError, latest_checkpoint, prune_checkpoints, write_atomically
 from .evaluation import language_model_metrics, task_metrics
@@ -205,7 +205,8 @@ class ZooTrainer:
                 self.check_replicas()
             if args.eval_steps and step % args.eval_steps == 0:
                 metrics.update(self.evaluate())
-            if step % args.logging_steps == 0 or step == args.max_steps:
+            reached = args.stop_at_train_loss is not None and metrics["train_loss"] < args.stop_at_train_loss
+            if step % args.logging_steps == 0 or step == args.max_steps or reached:
                 self.log(metrics)
             if args.save_steps and step % args.save_steps == 0 and step < args.max_steps:
                 self.save_checkpoint()
@@ -214,6 +215,8 @@ class ZooTrainer:
             if self.is_zo:
                 rates["probes_s"] = f"{self.zo_config.num_probes / metrics['step_seconds']:.1f}"
             progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", **rates)
+            if reached:
+                break
         progress.close()
         final = self.evaluate()
         final["train_seconds"] = time.perf_counter() - started
@@ -248,7 +251,18 @@ class ZooTrainer:
         def loss_fn():
             return model(input_ids, labels=labels, logits_to_keep=1).loss
 
-        stats = self.zo.step(loss_fn, rank=self.rank, world_size=self.world_size, gather=self.accelerator.gather)
+        stacked = None
+        if self.zo_config.probes_per_forward != 1:
+            unwrapped = self.accelerator.unwrap_model(model)
+            stacked = StackedLoss(
+                fn=lambda points: unwrapped.stacked_loss(
+                    dict(zip(self.zo.names, points, strict=True)), input_ids, labels
+                ),
+                bytes_per_model=unwrapped.stacked_bytes_per_model(*input_ids.shape),
+            )
+        stats = self.zo.step(
+            loss_fn, rank=self.rank, world_size=self.world_size, gather=self.accelerator.gather, stacked_loss=stacked
+        )
         self.counters["forward_passes"] += stats.forward_passes
         # per step each process sends its k = K / world_size pairs of float64 losses and receives all 2K
         self.counters["comm_bytes"] += 0 if self.world_size == 1 else 2 * 8 * self.zo_config.num_probes
@@ -286,6 +300,8 @@ class ZooTrainer:
             total += loss.item()
         self.optimizer.step()
         self.counters["forward_passes"] += 1
+        if self.world_size > 1:  # every process logs (and stops on) the same number
+            total = self.accelerator.reduce(torch.tensor(total, device=self.accelerator.device), "mean").item()
         return {"train_loss": total, "lr": self.train_args.bptt_lr}
 
     def maybe_grow_curriculum(self, train_loss: float) -> None:
