@@ -6,6 +6,7 @@ peak RSS against the fp32 bytes of the weights. Writes <output_dir>/step.csv and
 
     python scripts/benchmark_step.py [--model_configs configs/model/tiny.yaml configs/model/small.yaml]
         [--dtype float32] [--num_probes 8] [--batch_size 16] [--seq_len 64] [--update_mode replay]
+        [--probes_per_forward 1 4 16]      # 1: one perturbed model per forward; P: P probes stacked (2P models)
     python scripts/benchmark_step.py --model_configs configs/model/xlarge.yaml --dtype bfloat16 \\
         --num_probes 2 --batch_size 1 --seq_len 8 --steps 1          # a 1.16B-parameter step on a CPU
 """
@@ -25,7 +26,7 @@ from transformers import AutoModelForCausalLM, HfArgumentParser  # noqa: E402
 import hf_zoo_rnn  # noqa: E402, F401  (registers the Auto classes)
 from hf_zoo_rnn.config_files import load_model_config  # noqa: E402
 from hf_zoo_rnn.training.trainer import peak_memory_mb  # noqa: E402
-from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer  # noqa: E402
+from hf_zoo_rnn.zo import StackedLoss, ZOConfig, ZOOptimizer  # noqa: E402
 
 
 @dataclass
@@ -38,11 +39,14 @@ class StepBenchmarkArguments:
     batch_size: int = field(default=16, metadata={"help": "sequences per batch"})
     seq_len: int = field(default=64, metadata={"help": "tokens per sequence"})
     update_mode: str = field(default="replay", metadata={"help": "replay or buffer"})
+    probes_per_forward: list[int] = field(
+        default_factory=lambda: [1], metadata={"help": "probes per stacked forward, one row each (0: automatic)"}
+    )
     steps: int = field(default=2, metadata={"help": "timed steps after one warm-up step"})
     output_dir: str = field(default="outputs/benchmarks", metadata={"help": "where step.csv and step.png go"})
 
 
-def measure(path: str, args: StepBenchmarkArguments) -> dict:
+def measure(path: str, per_forward: int, args: StepBenchmarkArguments) -> dict:
     config = load_model_config(path)
     dtype = getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval().requires_grad_(False)
@@ -58,9 +62,16 @@ def measure(path: str, args: StepBenchmarkArguments) -> dict:
         for _ in range(2 * args.num_probes):
             loss_fn()
         clean_forward = (time.perf_counter() - start) / (2 * args.num_probes)
-    zo = ZOOptimizer(model, ZOConfig(num_probes=args.num_probes, lr=1e-4, eps=1e-3, update_mode=args.update_mode))
-    zo.step(loss_fn)  # warm-up
-    stats = [zo.step(loss_fn) for _ in range(args.steps)]
+    config = ZOConfig(
+        num_probes=args.num_probes, lr=1e-4, eps=1e-3, update_mode=args.update_mode, probes_per_forward=per_forward
+    )
+    zo = ZOOptimizer(model, config)
+    stacked = StackedLoss(
+        fn=lambda points: model.stacked_loss(dict(zip(zo.names, points, strict=True)), ids, ids),
+        bytes_per_model=model.stacked_bytes_per_model(args.batch_size, args.seq_len),
+    )
+    zo.step(loss_fn, stacked_loss=stacked)  # warm-up
+    stats = [zo.step(loss_fn, stacked_loss=stacked) for _ in range(args.steps)]
     total = sum(s.seconds_total for s in stats) / len(stats)
     forward = sum(s.seconds_forward for s in stats) / len(stats)
     update = sum(s.seconds_update for s in stats) / len(stats)
@@ -71,6 +82,7 @@ def measure(path: str, args: StepBenchmarkArguments) -> dict:
         "dtype": args.dtype,
         "num_probes": args.num_probes,
         "update_mode": args.update_mode,
+        "probes_per_forward": per_forward,
         "step_seconds": total,
         "forward_seconds": forward,
         "perturb_seconds": total - forward - update,
@@ -89,21 +101,23 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for path in args.model_configs:
-        row = measure(path, args)
-        rows.append(row)
-        print(
-            f"{row['config']:>8} {row['parameters']:>13,} params {row['dtype']}: step {row['step_seconds']:.3f} s = "
-            f"forward {row['forward_seconds']:.3f} + perturb {row['perturb_seconds']:.3f} + update "
-            f"{row['update_seconds']:.3f}; step / 2K forwards {row['step_over_2k_forwards']:.2f}; "
-            f"{row['probe_tokens_per_second']:,.3g} probe-tokens/s; peak RSS {row['peak_rss_gb']:.2f} GB "
-            f"({row['peak_rss_over_fp32_weights']:.2f}x fp32 weights)"
-        )
+        for per_forward in args.probes_per_forward:
+            row = measure(path, per_forward, args)
+            rows.append(row)
+            print(
+                f"{row['config']:>8} {row['parameters']:>13,} params {row['dtype']}, {per_forward} probes/forward: "
+                f"step {row['step_seconds']:.3f} s = "
+                f"forward {row['forward_seconds']:.3f} + perturb {row['perturb_seconds']:.3f} + update "
+                f"{row['update_seconds']:.3f}; step / 2K forwards {row['step_over_2k_forwards']:.2f}; "
+                f"{row['probe_tokens_per_second']:,.3g} probe-tokens/s; peak RSS {row['peak_rss_gb']:.2f} GB "
+                f"({row['peak_rss_over_fp32_weights']:.2f}x fp32 weights)"
+            )
     with open(out / "step.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
-    names = [r["config"] for r in rows]
+    names = [f"{r['config']}\n{r['probes_per_forward']}/fwd" for r in rows]
     bottom = [0.0] * len(rows)
     for part in ("forward_seconds", "perturb_seconds", "update_seconds"):
         values = [r[part] for r in rows]
