@@ -448,7 +448,8 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
                 "ZooRnn is recurrent and cannot skip padded positions (attention_mask has zeros): "
                 "pass unpadded inputs, e.g. one prompt at a time or prompts of equal length"
             )
-        # Embed and score chunk by chunk: nothing context-sized is allocated besides the inputs themselves.
+        # Embed and score chunk by chunk: nothing context-sized is allocated besides the inputs themselves (not even
+        # `split`'s tuple of views, which costs ~20 MB per million tokens).
         source = input_ids if inputs_embeds is None else inputs_embeds
         steps = source.shape[1]
         weight_dtype = self.model.embeddings.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
@@ -457,9 +458,9 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
         scored = 0
         kept_logits = []
         keep_from = 0 if logits_to_keep == 0 else max(steps - logits_to_keep, 0)
-        start = 0
-        for piece in source.split(self.config.chunk_size, dim=1):
-            end = start + piece.shape[1]
+        for start in range(0, steps, self.config.chunk_size):
+            end = min(start + self.config.chunk_size, steps)
+            piece = source[:, start:end]
             chunk = self.model.embeddings(piece) if inputs_embeds is None else piece
             out = self.model(inputs_embeds=chunk, state=state, use_cache=True)
             state = out.state
@@ -476,7 +477,6 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
                     scored += int((chunk_targets != IGNORE_INDEX).sum())
                 if end > keep_from:
                     kept_logits.append(logits[:, max(keep_from - start, 0) :])
-            start = end
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         return ZooRnnCausalLMOutput(
             loss=loss_sum / scored if labels is not None else None,
@@ -507,16 +507,17 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
         states = [embeddings.new_zeros(state_shape) for _ in layer_weights]
         loss_dtype = torch.promote_types(embeddings.dtype, torch.float32)
         loss_sum = embeddings.new_zeros(models, dtype=loss_dtype)
-        start, scored = 0, 0
-        for chunk_ids in input_ids.split(config.chunk_size, dim=1):
-            hidden = embeddings[:, chunk_ids]  # [P, B, t, E]
+        scored, steps = 0, input_ids.shape[1]
+        for start in range(0, steps, config.chunk_size):
+            end = min(start + config.chunk_size, steps)
+            hidden = embeddings[:, input_ids[:, start:end]]  # [P, B, t, E]
             for i, layer in enumerate(self.model.layers):
                 hidden, states[i] = layer.stacked_forward(hidden, layer_weights[i], states[i])
             if self.model.norm_f is not None:
                 weight, bias = parameters["model.norm_f.weight"], parameters["model.norm_f.bias"]
                 hidden = stacked_layer_norm(hidden, weight, bias, config.layer_norm_eps)
             logits = stacked_linear(hidden, head_weight, head_bias)  # [P, B, t, V]
-            chunk_targets = shifted_targets(labels, start, start + chunk_ids.shape[1])
+            chunk_targets = shifted_targets(labels, start, end)
             scored += int((chunk_targets != IGNORE_INDEX).sum())
             losses = F.cross_entropy(
                 logits.to(loss_dtype).flatten(0, 2),
@@ -525,7 +526,6 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
                 reduction="none",
             )
             loss_sum += losses.view(models, -1).sum(1)
-            start += chunk_ids.shape[1]
         return loss_sum / scored
 
     def stacked_bytes_per_model(self, batch_size: int, steps: int) -> int:
