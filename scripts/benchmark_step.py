@@ -1,8 +1,10 @@
 """Cost of one zero-order step, split into forward passes, perturbation/restore and update.
 
 For each model config: one warm-up step, then `--steps` timed steps on a random batch. Reports the time of a step
-against 2K clean forward passes (the ideal: a step is nothing but its forwards), probes * tokens per second, and
-peak RSS against the fp32 bytes of the weights. Writes <output_dir>/step.csv and step.png.
+against 2K clean forward passes (the ideal: a step is nothing but its forwards), the share of the step spent
+outside its forwards (perturbation and update, timed within the same steps, so free of the drift between two
+measurement windows on a shared machine), probes * tokens per second, and peak RSS against the fp32 bytes of the
+weights. Writes <output_dir>/step.csv and step.png.
 
     python scripts/benchmark_step.py [--model_configs configs/model/tiny.yaml configs/model/small.yaml]
         [--dtype float32] [--num_probes 8] [--batch_size 16] [--seq_len 64] [--update_mode replay]
@@ -89,6 +91,7 @@ def measure(path: str, per_forward: int, args: StepBenchmarkArguments) -> dict:
         "update_seconds": update,
         "clean_forward_seconds": clean_forward,
         "step_over_2k_forwards": total / (2 * args.num_probes * clean_forward),
+        "overhead_share": (total - forward) / total,  # perturbation + update, measured in the same steps
         "probe_tokens_per_second": args.num_probes * tokens / total,
         "peak_rss_gb": peak_memory_mb(torch.device("cpu")) / 1024,
         "peak_rss_over_fp32_weights": peak_memory_mb(torch.device("cpu")) * 2**20 / (4 * parameters),
@@ -108,7 +111,8 @@ def main() -> None:
                 f"{row['config']:>8} {row['parameters']:>13,} params {row['dtype']}, {per_forward} probes/forward: "
                 f"step {row['step_seconds']:.3f} s = "
                 f"forward {row['forward_seconds']:.3f} + perturb {row['perturb_seconds']:.3f} + update "
-                f"{row['update_seconds']:.3f}; step / 2K forwards {row['step_over_2k_forwards']:.2f}; "
+                f"{row['update_seconds']:.3f}; step / 2K forwards {row['step_over_2k_forwards']:.2f} "
+                f"(outside the forwards {row['overhead_share']:.1%}); "
                 f"{row['probe_tokens_per_second']:,.3g} probe-tokens/s; peak RSS {row['peak_rss_gb']:.2f} GB "
                 f"({row['peak_rss_over_fp32_weights']:.2f}x fp32 weights)"
             )
