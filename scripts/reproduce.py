@@ -7,8 +7,8 @@ from configs/train/, then this script tabulates and plots their metrics.jsonl.
 
 Writes <output_dir>/<experiment>/<run>/ (each run's own output), <output_dir>/summary.csv and one PNG per
 experiment:
-  overfit  one fixed copy batch, paper tiny LSTM: ZO (96 probes, lr = eps = 0.1, tied) vs BPTT-SGD and
-           BPTT-AdamW; steps, forward passes and seconds until the train loss is below 0.1
+  overfit  one fixed copy batch, paper tiny LSTM: ZO (96 probes, tied lr = eps = 0.1 and 0.01) vs BPTT-SGD
+           (lr 0.01, the paper's largest, and 1.0) and BPTT-AdamW; steps, forward passes and seconds until the train loss is below 0.1
   tasks    copy / reverse / sort, trained on lengths 2-10, exact match at 2-10 and at 11-60 (out of distribution)
   char_lm  character-level LM on the built-in corpus: validation loss vs steps and vs forward passes
 """
@@ -47,6 +47,8 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         "zo-96-eps0.1": OVERFIT + ["--max_steps", "150"],
         "zo-96-eps0.01": OVERFIT + ZO_STABLE + ["--max_steps", "600"],
         "bptt-sgd": OVERFIT + BPTT_SGD + ["--max_steps", "800"],
+        # beyond the paper's lr sweep (1e-2..1e-4): SGD with a tuned lr, so ZO is not judged against a slow baseline
+        "bptt-sgd-lr1": OVERFIT + ["--optimizer", "bptt_sgd", "--bptt_lr", "1.0", "--max_steps", "800"],
         "bptt-adamw": OVERFIT + BPTT_ADAMW + ["--max_steps", "800"],
     },
     "tasks": {

@@ -61,7 +61,7 @@ def test_memory_benchmark_measures_every_mode_and_context(tmp_path):
 def test_reproduction_runs_and_summarises_the_overfitting_experiment(tmp_path):
     run_script("reproduce.py", "--experiments", "overfit", "--max_steps", "2", "--output_dir", str(tmp_path))
     summary = rows(tmp_path / "summary.csv")
-    assert [r["run"] for r in summary] == ["zo-96-eps0.1", "zo-96-eps0.01", "bptt-sgd", "bptt-adamw"]
+    assert [r["run"] for r in summary] == ["zo-96-eps0.1", "zo-96-eps0.01", "bptt-sgd", "bptt-sgd-lr1", "bptt-adamw"]
     assert all(r["steps"] == "2" and float(r["final_train_loss"]) > 0 for r in summary)
     assert (tmp_path / "overfit.png").stat().st_size > 0
 
