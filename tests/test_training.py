@@ -160,6 +160,8 @@ def test_bad_inputs_give_one_clear_error_and_keep_what_was_written(tmp_path):
         parse_arguments(["--config", str(config)])
     with pytest.raises(ValueError, match="optimizer must be one of"):
         parse_arguments(["--optimizer", "sgd"])
+    with pytest.raises(ValueError, match="task_eval_examples must be at least 1, got 0"):
+        parse_arguments(["--task", "copy", "--task_eval_examples", "0"])
     with pytest.raises(Exception, match="data file not found"):
         run(fast_args(tmp_path / "a", "--dataset", str(tmp_path / "missing.txt"), "--max_steps", "1"))
 

@@ -59,6 +59,9 @@ class DataArguments:
     )
     curriculum_max_length: int = field(default=64, metadata={"help": "upper bound of the curriculum's L"})
     eval_batches: int = field(default=4, metadata={"help": "validation batches per evaluation"})
+    task_eval_examples: int = field(
+        default=16, metadata={"help": "examples per exact-match evaluation of a task (in and out of distribution)"}
+    )
     fixed_batch: bool = field(
         default=False, metadata={"help": "train on the first batch every step (the paper's overfitting setting)"}
     )
@@ -129,14 +132,17 @@ def parse_arguments(argv: list[str] | None = None):
         check_known_keys(values, known, path, "scripts/train.py (see --help)")
         parser.set_defaults(**values)
     model_args, data_args, train_args, zo_config = parser.parse_args_into_dataclasses(args=argv)
-    check_choices(model_args, train_args)
+    check_choices(model_args, data_args, train_args)
     return model_args, data_args, train_args, zo_config
 
 
-def check_choices(model_args: ModelArguments, train_args: TrainArguments) -> None:
+def check_choices(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
     if train_args.optimizer not in OPTIMIZERS:
         raise ConfigFileError(f"optimizer must be one of {OPTIMIZERS}, got {train_args.optimizer!r}")
     if train_args.hub_strategy not in HUB_STRATEGIES:
         raise ConfigFileError(f"hub_strategy must be one of {HUB_STRATEGIES}, got {train_args.hub_strategy!r}")
     if model_args.dtype not in DTYPES:
         raise ConfigFileError(f"dtype must be one of {DTYPES}, got {model_args.dtype!r}")
+    for name in ("eval_batches", "task_eval_examples"):
+        if getattr(data_args, name) < 1:
+            raise ConfigFileError(f"{name} must be at least 1, got {getattr(data_args, name)}")

@@ -319,7 +319,12 @@ class ZooTrainer:
         if self.data_args.task:
             results.update(
                 task_metrics(
-                    model, self.tokenizer, self.data_args.task, self.data_args.task_max_length, self.zo_config.seed + 1
+                    model,
+                    self.tokenizer,
+                    self.data_args.task,
+                    self.data_args.task_max_length,
+                    self.zo_config.seed + 1,
+                    self.data_args.task_eval_examples,
                 )
             )
         model.train(was_training)
