@@ -30,7 +30,7 @@ def fast_args(output_dir, *extra) -> list[str]:
 
 def test_default_run_leaves_a_loadable_model_card_logs_and_curve(tmp_path):
     out = tmp_path / "run"
-    final = run(fast_args(out, "--max_steps", "4", "--save_steps", "2", "--eval_steps", "2"))
+    final = run(fast_args(out, "--max_steps", "4", "--save_steps", "2", "--eval_steps", "3", "--logging_steps", "2"))
     assert "eval_loss" in final and final["eval_loss"] > 0
     for name in (
         "config.json",
@@ -45,7 +45,9 @@ def test_default_run_leaves_a_loadable_model_card_logs_and_curve(tmp_path):
     assert any(out.glob("hf_zoo_rnn/events.out.tfevents*")), "no TensorBoard events"
     assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4]
+    # logged every 2 steps, at the evaluation of step 3 (an evaluation is never computed and dropped) and at the end
+    assert [r["step"] for r in records if "train_loss" in r] == [2, 3, 4]
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 4]
     assert records[-2]["forward_passes"] == 4 * 2 * 4 and records[-2]["tokens"] == 4 * 64
     card = (out / "README.md").read_text()
     assert "zeroth-order" in card and "probes per step | 4" in card

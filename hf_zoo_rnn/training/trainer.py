@@ -203,10 +203,11 @@ class ZooTrainer:
             self.maybe_grow_curriculum(metrics["train_loss"])
             if args.checksum_steps and step % args.checksum_steps == 0:
                 self.check_replicas()
-            if args.eval_steps and step % args.eval_steps == 0:
+            evaluated = bool(args.eval_steps) and step % args.eval_steps == 0
+            if evaluated:
                 metrics.update(self.evaluate())
             reached = args.stop_at_train_loss is not None and metrics["train_loss"] < args.stop_at_train_loss
-            if step % args.logging_steps == 0 or step == args.max_steps or reached:
+            if step % args.logging_steps == 0 or step == args.max_steps or evaluated or reached:
                 self.log(metrics)
             if args.save_steps and step % args.save_steps == 0 and step < args.max_steps:
                 self.save_checkpoint()
