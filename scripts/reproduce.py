@@ -4,6 +4,7 @@ from configs/train/, then this script tabulates and plots their metrics.jsonl.
     python scripts/reproduce.py                                   # all three experiments (about 80 minutes on one core)
     python scripts/reproduce.py --experiments overfit --output_dir outputs/reproduction
     python scripts/reproduce.py --max_steps 3 --output_dir /tmp/smoke   # a smoke run of every run
+    python scripts/reproduce.py --replot                          # re-tabulate and re-plot finished runs
 
 Writes <output_dir>/<experiment>/<run>/ (each run's own output), <output_dir>/summary.csv and one PNG per
 experiment:
@@ -87,6 +88,16 @@ class ReproductionArguments:
     )
     output_dir: str = field(default="outputs/reproduction", metadata={"help": "runs, summary.csv and the plots"})
     max_steps: int | None = field(default=None, metadata={"help": "override every run's max_steps (smoke runs)"})
+    replot: bool = field(
+        default=False, metadata={"help": "train nothing: tabulate and plot the runs already in output_dir"}
+    )
+
+
+def logged(output_dir: Path) -> list[dict]:
+    path = output_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: run this experiment before --replot")
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def run(arguments: list[str], output_dir: Path, max_steps: int | None) -> list[dict]:
@@ -99,7 +110,7 @@ def run(arguments: list[str], output_dir: Path, max_steps: int | None) -> list[d
         (output_dir / "metrics.jsonl").unlink()
     print("$", " ".join(command[1:]), flush=True)
     subprocess.run(command, check=True, cwd=ROOT)
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return logged(output_dir)
 
 
 def summarize(experiment: str, name: str, records: list[dict]) -> dict:
@@ -129,7 +140,7 @@ def summarize(experiment: str, name: str, records: list[dict]) -> dict:
 
 def plot(experiment: str, runs: dict[str, list[dict]], path: Path) -> None:
     if experiment.startswith("tasks"):
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, (ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
         names = list(runs)
         finals = [runs[n][-1] for n in names]
         positions = range(len(names))
@@ -138,8 +149,14 @@ def plot(experiment: str, runs: dict[str, list[dict]], path: Path) -> None:
         ax.bar([p + 0.2 for p in positions], [f.get("exact_match_out_of_distribution", 0) for f in finals], 0.4,
                label="lengths 11-60 (OOD)")  # fmt: skip
         ax.set_xticks(list(positions), names, rotation=30, ha="right")
-        ax.set(ylabel="exact match", ylim=(0, 1), title="copy / reverse / sort: ZO vs BPTT")
+        ax.set(ylabel="exact match", ylim=(0, 1), title="copy / reverse / sort: exact match at the end")
         ax.legend()
+        # the out-of-distribution loss shows length generalisation before exact match moves
+        for name, records in runs.items():
+            points = [r for r in records if "eval_loss" in r and "train_loss" in r]
+            loss_ax.plot([r["step"] for r in points], [r["eval_loss"] for r in points], marker=".", label=name)
+        loss_ax.set(xlabel="step", ylabel="validation loss, lengths 11-60", title="out-of-distribution loss")
+        loss_ax.legend(fontsize=8)
     else:
         key = "train_loss" if experiment == "overfit" else "eval_loss"
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -167,7 +184,8 @@ def main() -> None:
     rows = []
     for experiment in args.experiments:
         runs = {
-            name: run(argv, out / experiment / name, args.max_steps) for name, argv in EXPERIMENTS[experiment].items()
+            name: logged(out / experiment / name) if args.replot else run(argv, out / experiment / name, args.max_steps)
+            for name, argv in EXPERIMENTS[experiment].items()
         }
         rows += [summarize(experiment, name, records) for name, records in runs.items()]
         plot(experiment, runs, out / f"{experiment}.png")

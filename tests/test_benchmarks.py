@@ -64,6 +64,9 @@ def test_reproduction_runs_and_summarises_the_overfitting_experiment(tmp_path):
     assert [r["run"] for r in summary] == ["zo-96-eps0.1", "zo-96-eps0.01", "bptt-sgd", "bptt-sgd-lr1", "bptt-adamw"]
     assert all(r["steps"] == "2" and float(r["final_train_loss"]) > 0 for r in summary)
     assert (tmp_path / "overfit.png").stat().st_size > 0
+    (tmp_path / "overfit.png").unlink()
+    run_script("reproduce.py", "--experiments", "overfit", "--replot", "--output_dir", str(tmp_path))
+    assert rows(tmp_path / "summary.csv") == summary and (tmp_path / "overfit.png").stat().st_size > 0
 
 
 def test_communication_and_recurrence_benchmarks_run(tmp_path):
