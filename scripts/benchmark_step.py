@@ -68,10 +68,7 @@ def measure(path: str, per_forward: int, args: StepBenchmarkArguments) -> dict:
         num_probes=args.num_probes, lr=1e-4, eps=1e-3, update_mode=args.update_mode, probes_per_forward=per_forward
     )
     zo = ZOOptimizer(model, config)
-    stacked = StackedLoss(
-        fn=lambda points: model.stacked_loss(dict(zip(zo.names, points, strict=True)), ids, ids),
-        bytes_per_model=model.stacked_bytes_per_model(args.batch_size, args.seq_len),
-    )
+    stacked = StackedLoss.of_model(model, zo.names, ids, ids)
     zo.step(loss_fn, stacked_loss=stacked)  # warm-up
     stats = [zo.step(loss_fn, stacked_loss=stacked) for _ in range(args.steps)]
     total = sum(s.seconds_total for s in stats) / len(stats)

@@ -421,12 +421,8 @@ def test_lstm_lm_overfits_one_batch_with_zo_alone():
 # -- probe stacking ---------------------------------------------------------------------------------------------------
 
 
-def stacked_loss_for(model, ids, bytes_per_model=None):
-    names = [name for name, _ in zo_parameters(model)]
-    return StackedLoss(
-        fn=lambda points: model.stacked_loss(dict(zip(names, points, strict=True)), ids, ids),
-        bytes_per_model=bytes_per_model or model.stacked_bytes_per_model(*ids.shape),
-    )
+def stacked_loss_for(model, ids):
+    return StackedLoss.of_model(model, [name for name, _ in zo_parameters(model)], ids, ids)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -254,13 +254,7 @@ class ZooTrainer:
 
         stacked = None
         if self.zo_config.probes_per_forward != 1:
-            unwrapped = self.accelerator.unwrap_model(model)
-            stacked = StackedLoss(
-                fn=lambda points: unwrapped.stacked_loss(
-                    dict(zip(self.zo.names, points, strict=True)), input_ids, labels
-                ),
-                bytes_per_model=unwrapped.stacked_bytes_per_model(*input_ids.shape),
-            )
+            stacked = StackedLoss.of_model(self.accelerator.unwrap_model(model), self.zo.names, input_ids, labels)
         stats = self.zo.step(
             loss_fn, rank=self.rank, world_size=self.world_size, gather=self.accelerator.gather, stacked_loss=stacked
         )

@@ -108,6 +108,15 @@ class StackedLoss:
     fn: Callable[[list[torch.Tensor]], torch.Tensor]  # one [M, *shape] stack per ZO tensor -> the M models' losses
     bytes_per_model: int  # what one more stacked model costs in memory (weights + activations)
 
+    @classmethod
+    def of_model(cls, model: nn.Module, names: list[str], input_ids: torch.Tensor, labels: torch.Tensor):
+        """For a model with `stacked_loss(parameters, input_ids, labels)` and `stacked_bytes_per_model(batch,
+        steps)`, as `ZooRnnForCausalLM` has; `names` are the ZO tensors' names in the optimizer's order."""
+        return cls(
+            fn=lambda points: model.stacked_loss(dict(zip(names, points, strict=True)), input_ids, labels),
+            bytes_per_model=model.stacked_bytes_per_model(*input_ids.shape),
+        )
+
 
 def probes_per_forward(requested: int, probes: int, models_per_probe: int, bytes_per_model: int, budget_mb: float):
     """How many probes one stacked forward evaluates: `requested`, or with 0 as many as fit in the budget."""
@@ -236,7 +245,7 @@ class ZOOptimizer:
                 if base is not None:
                     local[row, 1] = base
                 if use_buffer:
-                    self.accumulate(partial, z_cache, local[row])
+                    self.accumulate(partial, z_cache, local[row], eps)
             self.perturber.release()
         else:
             for first in range(0, per_rank, group):
@@ -248,7 +257,7 @@ class ZOOptimizer:
                     local[first : rows.stop, 1] = base
                 if use_buffer:
                     for row, z in zip(rows, z_cache, strict=True):
-                        self.accumulate(partial, z, local[row])
+                        self.accumulate(partial, z, local[row], eps)
 
         losses = gather(local) if gather is not None else local
         first, second = losses[:, 0], losses[:, 1]
@@ -279,10 +288,9 @@ class ZOOptimizer:
         self.step_count += 1
         return stats
 
-    def accumulate(self, partial: list[torch.Tensor], z: list[torch.Tensor], losses: torch.Tensor) -> None:
+    def accumulate(self, partial: list[torch.Tensor], z: list[torch.Tensor], losses: torch.Tensor, eps: float) -> None:
         """Buffer mode: add this probe's c_i z_i to this process's partial sum (the z it was evaluated with)."""
         config = self.config
-        eps = self.current_eps()
         coefficient, kept = probe_coefficients(
             losses[:1], losses[1:], eps, config.difference, config.clip_projected_gradient
         )
