@@ -1,5 +1,6 @@
 """The zero-order engine: seeds and z, exact perturbation, the estimator, optimisers and their state."""
 
+import dataclasses
 import math
 import threading
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from hf_zoo_rnn import ZooRnnForCausalLM
 from hf_zoo_rnn.zo import Perturber, StackedLoss, ZOConfig, ZOOptimizer, noise, stream_seed, zo_parameters
+from hf_zoo_rnn.zo.directions import GuidedDirections, IsotropicDirections
 from hf_zoo_rnn.zo.estimator import probe_coefficients, projected_gradients, reported_loss
 from hf_zoo_rnn.zo.noise import splitmix64
 from hf_zoo_rnn.zo.optimizer import probes_per_forward
@@ -87,13 +89,13 @@ def test_seed_scheme_refuses_counters_it_cannot_pack():
 def test_perturb_and_restore_is_bitwise_exact(dtype):
     model = tiny_lm(dtype)
     before = snapshot(model)
-    perturber = Perturber([p for _, p in zo_parameters(model)], "gaussian", max_chunk_elements=50)
+    params = [p for _, p in zo_parameters(model)]
+    perturber = Perturber(params, IsotropicDirections(params, 0, "gaussian"), max_chunk_elements=50)
     perturber.snapshot()
     for probe in range(5):
-        streams = [stream_seed(0, 0, probe, i) for i in range(len(perturber.params))]
-        perturber.perturb(streams, 0.01)
+        perturber.perturb(probe, 0.01)
         assert not bitwise_equal(snapshot(model), before)
-        perturber.perturb(streams, -0.01)
+        perturber.perturb(probe, -0.01)
         perturber.restore()
     assert bitwise_equal(snapshot(model), before)
 
@@ -429,16 +431,16 @@ def stacked_loss_for(model, ids):
 def test_stacked_points_are_the_sequential_points_bit_for_bit(dtype):
     model = tiny_lm(dtype)
     params = [p for _, p in zo_parameters(model)]
-    perturber = Perturber(params, "rademacher", max_chunk_elements=50)
-    streams = [[stream_seed(3, 0, probe, i) for i in range(len(params))] for probe in (4, 9)]
-    points, z_cache = perturber.stacked(streams, (0.01, -0.01), keep_z=True)
+    perturber = Perturber(params, IsotropicDirections(params, 3, "rademacher"), max_chunk_elements=50)
+    probes = (4, 9)
+    points, z_cache = perturber.stacked(probes, (0.01, -0.01), keep_z=True)
     before = snapshot(model)
     perturber.snapshot()
-    for j, probe_streams in enumerate(streams):
+    for j, probe in enumerate(probes):
         assert bitwise_equal([z.view_as(p) for z, p in zip(z_cache[j], params, strict=True)],
-                             [perturber.z(s, i, 0, p.numel()).view_as(p) for i, (s, p) in enumerate(zip(probe_streams, params, strict=True))])  # fmt: skip
+                             [perturber.z(probe, i, 0, p.numel()).view_as(p) for i, p in enumerate(params)])  # fmt: skip
         for k, scale in enumerate((0.01, -0.01)):
-            perturber.perturb(probe_streams, scale)
+            perturber.perturb(probe, scale)
             assert bitwise_equal(snapshot(model), [stack[2 * j + k] for stack in points])
     perturber.restore()
     assert bitwise_equal(snapshot(model), before)  # stacking never moved theta
@@ -477,3 +479,97 @@ def test_stacking_without_a_stacked_loss_is_rejected():
         zo.step(lm_loss(model, torch.randint(0, 12, (2, 5))))
     with pytest.raises(ValueError, match="probes_per_forward must be >= 0"):
         ZOConfig(lr=0.1, probes_per_forward=-1)
+
+
+# -- guided directions, parameter subsets, a given clean loss ----------------------------------------------------------
+
+
+def test_guided_directions_have_the_isotropic_trace_and_tilt_towards_the_surrogates():
+    params = [torch.zeros(30), torch.zeros(5, 4)]
+    surrogate = [torch.randn(30), torch.randn(5, 4)]
+    guided = GuidedDirections(params, seed=3, distribution="gaussian", alpha=0.25)
+    guided.set_subspace([surrogate, [2 * s for s in surrogate]])  # the second adds nothing new: dropped
+    assert guided.basis[0].shape == (1, 30)
+    u = torch.cat([b.reshape(-1) for b in guided.basis])
+    assert u.norm().item() == pytest.approx(1.0, abs=1e-6)
+    samples = torch.stack(
+        [torch.cat([guided.z(probe, i, 0, p.numel()) for i, p in enumerate(params)]) for probe in range(4000)]
+    )
+    n = samples.shape[1]
+    # E[z z^T] = alpha I + (1 - alpha) n/k u u^T: total variance n, and (1 - alpha) n + alpha along u
+    assert samples.pow(2).sum(1).mean().item() == pytest.approx(n, rel=0.05)
+    assert (samples @ u).pow(2).mean().item() == pytest.approx(0.75 * n + 0.25, rel=0.1)
+    # pieces and whole tensors agree, and the same (step, probe) always gives the same z
+    whole = guided.z(7, 0, 0, 30)
+    assert torch.equal(torch.cat([guided.z(7, 0, 0, 13), guided.z(7, 0, 13, 17)]), whole)
+    guided.set_subspace([])
+    assert torch.equal(guided.z(7, 0, 0, 30), IsotropicDirections(params, 3, "gaussian").z(7, 0, 0, 30))
+
+
+def test_guided_estimate_follows_a_good_surrogate_and_stays_a_descent_direction():
+    torch.manual_seed(0)
+    d, target = 2000, torch.randn(2000, dtype=torch.float64)
+    weights = nn.Parameter(torch.zeros(d, dtype=torch.float64), requires_grad=False)
+    holder = nn.Module()
+    holder.w = weights
+
+    def loss():
+        return 0.5 * (weights - target).pow(2).sum()
+
+    gradient = -target  # at w = 0
+    surrogate = [(gradient + 0.5 * gradient.norm() / d**0.5 * torch.randn(d, dtype=torch.float64)).float()]
+    cosines = {}
+    for guide in ("none", "local"):
+        zo = ZOOptimizer(holder, ZOConfig(num_probes=8, eps=1e-3, lr=1.0, guide=guide, seed=1))
+        zo.step(loss, surrogates=[surrogate] if guide == "local" else ())
+        step = -weights.detach().clone()
+        with torch.no_grad():
+            weights.zero_()
+        cosines[guide] = float(step @ gradient / (step.norm() * gradient.norm()))
+    assert cosines["local"] > 0.8 > 0.2 > cosines["none"] > 0  # isotropic: about sqrt(8 / 2000)
+
+
+def test_update_history_guides_later_steps_and_resumes_bitwise():
+    ids = torch.randint(0, 12, (2, 9))
+    config = ZOConfig(num_probes=4, lr=1e-2, guide="updates", guide_history=2, update_rule="momentum")
+    model = tiny_lm()
+    zo = ZOOptimizer(model, config)
+    for _ in range(3):
+        zo.step(lm_loss(model, ids))
+    assert all(h.abs().sum() > 0 for h in zo.buffers["update_history"])
+    state, weights = zo.state_dict(), snapshot(model)
+    zo.step(lm_loss(model, ids))
+    expected = snapshot(model)
+
+    resumed_model = tiny_lm()
+    with torch.no_grad():
+        for param, value in zip(resumed_model.parameters(), weights, strict=True):
+            param.copy_(value)
+    resumed = ZOOptimizer(resumed_model, config)
+    resumed.load_state_dict(state)
+    resumed.step(lm_loss(resumed_model, ids))
+    assert bitwise_equal(snapshot(resumed_model), expected)
+    with pytest.raises(ValueError, match="update_rule or guide changed"):
+        ZOOptimizer(tiny_lm(), dataclasses.replace(config, guide="none")).load_state_dict(state)
+
+
+def test_a_parameter_subset_moves_alone_and_a_given_clean_loss_saves_the_base_forward():
+    ids = torch.randint(0, 12, (2, 9))
+    names = ["model.layers.0.bias", "lm_head.bias"]
+    results = {}
+    for given in (False, True):
+        model = tiny_lm(torch.float64)
+        before = dict(model.named_parameters())
+        before = {name: value.detach().clone() for name, value in before.items()}
+        zo = ZOOptimizer(model, ZOConfig(num_probes=4, lr=1e-2, difference="forward"), names)
+        clean = lm_loss(model, ids)().item() if given else None
+        stats = zo.step(lm_loss(model, ids), clean_loss=clean)
+        assert stats.forward_passes == 4 + (0 if given else 1)
+        after = dict(model.named_parameters())
+        assert {n for n in before if not torch.equal(before[n], after[n])} == set(names)
+        results[given] = snapshot(model)
+    assert bitwise_equal(results[False], results[True])  # the given clean loss is the one it would compute
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        ZOOptimizer(tiny_lm(), ZOConfig(lr=1e-2), ["lm_head.gate"])
+    with pytest.raises(ValueError, match="surrogates passed to step"):
+        ZOOptimizer(tiny_lm(), ZOConfig(lr=1e-2, guide="local")).step(lm_loss(tiny_lm(), ids))

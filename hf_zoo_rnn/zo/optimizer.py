@@ -10,6 +10,11 @@ Memory (d = number of parameters, b = bytes per weight):
   exchange generates each z once per step instead of three times.
   probes_per_forward=P > 1 evaluates P probes (2P perturbed models) in one stacked forward instead of moving
   theta: 2P*d*b for the stacked weights, plus P-fold activations (bounded by stacked_memory_mb when P is auto).
+  guide != "none" adds 4kd for the guided basis (k surrogate directions), and guide_history * 4d more when the
+  recent updates are among the surrogates.
+
+One step is four small units: directions (directions.py: isotropic or guided), loss evaluation (one perturbed
+model at a time, or stacked), the estimator's arithmetic (estimator.py) and the update (replayed from seeds).
 """
 
 import dataclasses
@@ -22,21 +27,25 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
+from .directions import GuidedDirections, IsotropicDirections
 from .estimator import DIFFERENCES, finite_probes, probe_coefficients, projected_gradients, reported_loss
-from .noise import DISTRIBUTIONS, stream_seed
+from .noise import DISTRIBUTIONS
 from .perturb import Perturber, compute_dtype, zo_parameters
 
 UPDATE_RULES = ("sgd", "momentum", "adam")
 UPDATE_MODES = ("replay", "buffer")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 EPS_SCHEDULES = ("constant", "linear", "cosine")  # no warm-up: eps = 0 would divide the difference by zero
+GUIDES = ("none", "updates", "local", "local+updates")
 
 
 @dataclass
 class ZOConfig:
     """Settings of the zero-order optimiser (the `zo_` arguments of the trainer map onto these)."""
 
-    num_probes: int = field(default=16, metadata={"help": "probes K per step (split evenly over processes)"})
+    num_probes: int = field(
+        default=16, metadata={"help": "probes K per step, split evenly over processes (0: no zero-order part)"}
+    )
     eps: float = field(default=1e-2, metadata={"help": "perturbation size epsilon"})
     lr: float | None = field(default=None, metadata={"help": "learning rate; must be unset when tied=True"})
     tied: bool = field(default=False, metadata={"help": "the paper's update: step = eps * g_hat (lr = eps)"})
@@ -67,6 +76,15 @@ class ZOConfig:
     stacked_memory_mb: float = field(
         default=1024.0, metadata={"help": "memory budget of the stacked models when probes_per_forward is 0"}
     )
+    guide: str = field(
+        default="none",
+        metadata={
+            "help": "Guided ES surrogates: none (isotropic probes), updates (the last guide_history update "
+            "directions), local (the local gradient of the ZO parameters), local+updates"
+        },
+    )
+    guide_alpha: float = field(default=0.5, metadata={"help": "isotropic share alpha of a guided probe, in (0, 1]"})
+    guide_history: int = field(default=4, metadata={"help": "recent update directions kept as surrogates"})
     seed: int = field(default=0, metadata={"help": "run seed: with step and probe index it fixes every z"})
 
     def __post_init__(self):
@@ -77,14 +95,18 @@ class ZOConfig:
             "update_mode": UPDATE_MODES,
             "lr_schedule": LR_SCHEDULES,
             "eps_schedule": EPS_SCHEDULES,
+            "guide": GUIDES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ZOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.tied and self.lr is not None:
             raise ValueError("ZOConfig.lr must be unset when tied=True (the paper's update uses lr = eps)")
-        if self.num_probes < 1 or self.max_chunk_elements < 1:
-            raise ValueError("ZOConfig.num_probes and max_chunk_elements must be positive")
+        if self.num_probes < 0 or self.max_chunk_elements < 1:
+            raise ValueError(
+                f"ZOConfig.num_probes must be >= 0 (0: no zero-order part) and max_chunk_elements positive, got "
+                f"{self.num_probes} and {self.max_chunk_elements}"
+            )
         if self.probes_per_forward < 0 or self.stacked_memory_mb <= 0:
             raise ValueError(
                 f"ZOConfig.probes_per_forward must be >= 0 (0: automatic) and stacked_memory_mb positive, got "
@@ -92,6 +114,19 @@ class ZOConfig:
             )
         if self.eps <= 0:
             raise ValueError(f"ZOConfig.eps must be positive, got {self.eps}")
+        if not 0 < self.guide_alpha <= 1 or self.guide_history < 1:
+            raise ValueError(
+                f"ZOConfig.guide_alpha must be in (0, 1] and guide_history >= 1, got {self.guide_alpha} and "
+                f"{self.guide_history}"
+            )
+
+    @property
+    def guided_by_updates(self) -> bool:
+        return self.guide in ("updates", "local+updates")
+
+    @property
+    def guided_by_local_gradient(self) -> bool:
+        return self.guide in ("local", "local+updates")
 
 
 def schedule(name: str, warmup_steps: int, total_steps: int | None) -> Callable[[int], float]:
@@ -146,14 +181,14 @@ class ZOStepStats:
 
 
 class ZOOptimizer:
-    """Zero-order CD-RGE optimiser over every parameter of `model`.
+    """Zero-order CD-RGE optimiser over the parameters of `model` (all of them, or those in `names`).
 
     `step(loss_fn)` calls `loss_fn()` (which must return the scalar loss of the current parameters) once per
     perturbed point, under `torch.inference_mode()`. With several processes pass `rank`, `world_size` and a
     `gather` that concatenates each process's [k, 2] loss tensor in rank order (accelerate's `gather`).
     """
 
-    def __init__(self, model: nn.Module, config: ZOConfig):
+    def __init__(self, model: nn.Module, config: ZOConfig, names: Sequence[str] | None = None):
         if not config.tied and config.lr is None:
             raise ValueError("ZOConfig.lr is required unless tied=True")
         needs_horizon = {config.lr_schedule, config.eps_schedule} & {"linear", "cosine"}
@@ -161,9 +196,20 @@ class ZOOptimizer:
             raise ValueError(f"ZOConfig.total_steps is required by the {sorted(needs_horizon)} schedule")
         self.config = config
         named = zo_parameters(model)
+        if names is not None:
+            unknown = set(names) - {name for name, _ in named}
+            if unknown:
+                raise ValueError(f"ZO parameters {sorted(unknown)} are not parameters of the model")
+            named = [(name, param) for name, param in named if name in set(names)]
+        if not named or config.num_probes < 1:
+            raise ValueError("ZOOptimizer needs at least one parameter and one probe")
         self.names = [name for name, _ in named]
         self.params = [param for _, param in named]
-        self.perturber = Perturber(self.params, config.distribution, config.max_chunk_elements)
+        if config.guide == "none":
+            self.directions = IsotropicDirections(self.params, config.seed, config.distribution)
+        else:
+            self.directions = GuidedDirections(self.params, config.seed, config.distribution, config.guide_alpha)
+        self.perturber = Perturber(self.params, self.directions, config.max_chunk_elements)
         self.lr_multiplier = schedule(config.lr_schedule, config.warmup_steps, config.total_steps)
         self.eps_multiplier = schedule(config.eps_schedule, 0, config.total_steps)
         self.step_count = 0
@@ -171,6 +217,10 @@ class ZOOptimizer:
         moments = {"sgd": (), "momentum": ("velocity",), "adam": ("exp_avg", "exp_avg_sq")}[config.update_rule]
         for name in moments:
             self.buffers[name] = [torch.zeros(p.shape, dtype=compute_dtype(p), device=p.device) for p in self.params]
+        if config.guided_by_updates:  # a ring of the last guide_history steps taken, per tensor [k, numel]
+            self.buffers["update_history"] = [
+                torch.zeros(config.guide_history, p.numel(), dtype=torch.float32, device=p.device) for p in self.params
+            ]
 
     # -- schedules ------------------------------------------------------------------------------------------------
 
@@ -182,9 +232,6 @@ class ZOOptimizer:
             return self.current_eps()
         return self.config.lr * self.lr_multiplier(self.step_count)
 
-    def streams(self, probe: int) -> list[int]:
-        return [stream_seed(self.config.seed, self.step_count, probe, index) for index in range(len(self.params))]
-
     # -- the step -------------------------------------------------------------------------------------------------
 
     def step(
@@ -194,25 +241,57 @@ class ZOOptimizer:
         world_size: int = 1,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
         stacked_loss: StackedLoss | None = None,
+        clean_loss: float | None = None,
+        surrogates: Sequence[Sequence[torch.Tensor]] = (),
     ) -> ZOStepStats:
+        """One step. `clean_loss`, when the caller already has L(theta) of this batch (e.g. from the forward of a
+        local gradient), saves forward differences their base forward. `surrogates` are guide directions (one
+        tensor per ZO parameter each), identical on every process, for guide="local" / "local+updates"."""
         config = self.config
         if config.probes_per_forward != 1 and stacked_loss is None:
             raise ValueError(f"ZOConfig.probes_per_forward={config.probes_per_forward} needs a stacked_loss")
         if config.num_probes % world_size:
             raise ValueError(f"num_probes={config.num_probes} is not divisible by the {world_size} processes")
+        if config.guided_by_local_gradient != bool(surrogates):
+            raise ValueError(f"ZOConfig.guide={config.guide!r} and the surrogates passed to step() disagree")
         per_rank = config.num_probes // world_size
-        owned = range(rank * per_rank, (rank + 1) * per_rank)
         eps, lr = self.current_eps(), self.current_lr()
+        started = time.perf_counter()
+        self.draw_directions(surrogates)
+        local, partial, forward_seconds, base_forwards = self.evaluate_probes(
+            loss_fn, stacked_loss, range(rank * per_rank, (rank + 1) * per_rank), eps, clean_loss
+        )
+        losses = gather(local) if gather is not None else local
+        first, second = losses[:, 0], losses[:, 1]
+        coefficients, kept = probe_coefficients(first, second, eps, config.difference, config.clip_projected_gradient)
+        update_norm, update_started = 0.0, time.perf_counter()
+        if kept and (lr != 0 or config.weight_decay != 0):
+            update_norm = self.apply_update(coefficients, kept, lr, rank, per_rank, partial)
+        finished = time.perf_counter()
+        forward_passes = config.num_probes * (2 if config.difference == "central" else 1) + base_forwards * world_size
+        stats = self.statistics(first, second, kept, eps, lr, update_norm, forward_passes)
+        stats.seconds_forward, stats.seconds_update = forward_seconds, finished - update_started
+        stats.seconds_total = finished - started
+        self.step_count += 1
+        return stats
+
+    def draw_directions(self, surrogates: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Fix this step's direction family: the step counter, and for guided probes the surrogate subspace."""
+        self.directions.step = self.step_count
+        if isinstance(self.directions, GuidedDirections):
+            directions = list(surrogates)
+            if self.config.guided_by_updates:
+                history = self.buffers["update_history"]
+                directions += [[h[row] for h in history] for row in range(self.config.guide_history)]
+            self.directions.set_subspace(directions)
+
+    def evaluate_probes(self, loss_fn, stacked_loss, owned: range, eps: float, clean_loss: float | None):
+        """This process's [k, 2] losses (L+, L-; or L+, L(theta) for forward differences), the buffered partial
+        update sum (update_mode="buffer"), the seconds spent in forwards, and how many base forwards it ran."""
+        config = self.config
         use_buffer = config.update_mode == "buffer"
-
         scales = (eps, -eps) if config.difference == "central" else (eps,)
-        group = 1
-        if stacked_loss is not None:
-            group = probes_per_forward(
-                config.probes_per_forward, per_rank, len(scales), stacked_loss.bytes_per_model, config.stacked_memory_mb
-            )
-
-        started, forward_seconds = time.perf_counter(), 0.0
+        forward_seconds = 0.0
 
         def timed_losses(fn, *args) -> torch.Tensor:
             nonlocal forward_seconds
@@ -222,24 +301,30 @@ class ZOOptimizer:
             forward_seconds += time.perf_counter() - start
             return values
 
-        base = timed_losses(loss_fn) if config.difference == "forward" else None
-        local = torch.empty(per_rank, 2, dtype=torch.float64)
+        base_forwards = int(config.difference == "forward" and clean_loss is None)
+        base = timed_losses(loss_fn) if base_forwards else clean_loss
+        local = torch.empty(len(owned), 2, dtype=torch.float64)
         partial = (
             [torch.zeros(p.numel(), dtype=compute_dtype(p), device=p.device) for p in self.params]
             if use_buffer
             else None
         )
+        group = 1
+        if stacked_loss is not None:
+            group = probes_per_forward(
+                config.probes_per_forward, len(owned), len(scales), stacked_loss.bytes_per_model,
+                config.stacked_memory_mb,
+            )  # fmt: skip
         if group == 1:
             self.perturber.snapshot()
             for row, probe in enumerate(owned):
-                streams = self.streams(probe)
                 z_cache = (
-                    [self.perturber.z(streams[i], i, 0, p.numel()) for i, p in enumerate(self.params)]
+                    [self.perturber.z(probe, i, 0, p.numel()) for i, p in enumerate(self.params)]
                     if use_buffer
                     else None
                 )
                 for column, scale in enumerate(scales):
-                    self.perturber.perturb(streams, scale, z_cache)
+                    self.perturber.perturb(probe, scale, z_cache)
                     local[row, column] = timed_losses(loss_fn)
                 self.perturber.restore()
                 if base is not None:
@@ -248,9 +333,9 @@ class ZOOptimizer:
                     self.accumulate(partial, z_cache, local[row], eps)
             self.perturber.release()
         else:
-            for first in range(0, per_rank, group):
-                rows = range(first, min(first + group, per_rank))
-                points, z_cache = self.perturber.stacked([self.streams(owned[r]) for r in rows], scales, use_buffer)
+            for first in range(0, len(owned), group):
+                rows = range(first, min(first + group, len(owned)))
+                points, z_cache = self.perturber.stacked([owned[r] for r in rows], scales, use_buffer)
                 local[first : rows.stop, : len(scales)] = timed_losses(stacked_loss.fn, points).view(-1, len(scales))
                 del points
                 if base is not None:
@@ -258,18 +343,12 @@ class ZOOptimizer:
                 if use_buffer:
                     for row, z in zip(rows, z_cache, strict=True):
                         self.accumulate(partial, z, local[row], eps)
+        return local, partial, forward_seconds, base_forwards
 
-        losses = gather(local) if gather is not None else local
-        first, second = losses[:, 0], losses[:, 1]
-        coefficients, kept = probe_coefficients(first, second, eps, config.difference, config.clip_projected_gradient)
+    def statistics(self, first, second, kept, eps, lr, update_norm, forward_passes) -> ZOStepStats:
+        config = self.config
         g = projected_gradient_values(first, second, eps, config.difference, kept)
-        update_norm, update_started = 0.0, time.perf_counter()
-        if kept and (lr != 0 or config.weight_decay != 0):
-            update_norm = self.apply_update(coefficients, kept, lr, rank, per_rank, partial)
-        finished = time.perf_counter()
-        forward_passes = config.num_probes * (2 if config.difference == "central" else 1)
-        forward_passes += world_size if config.difference == "forward" else 0
-        stats = ZOStepStats(
+        return ZOStepStats(
             step=self.step_count,
             loss=reported_loss(first, second, config.difference),
             lr=lr,
@@ -281,12 +360,10 @@ class ZOOptimizer:
             forward_passes=forward_passes,
             dropped_probes=config.num_probes - kept,
             skipped=kept == 0,
-            seconds_forward=forward_seconds,
-            seconds_update=finished - update_started,
-            seconds_total=finished - started,
+            seconds_forward=0.0,
+            seconds_update=0.0,
+            seconds_total=0.0,
         )
-        self.step_count += 1
-        return stats
 
     def accumulate(self, partial: list[torch.Tensor], z: list[torch.Tensor], losses: torch.Tensor, eps: float) -> None:
         """Buffer mode: add this probe's c_i z_i to this process's partial sum (the z it was evaluated with)."""
@@ -333,14 +410,16 @@ class ZOOptimizer:
                     step.add_(current, alpha=lr * config.weight_decay)
                 squared_norm += float(step.double().pow(2).sum())
                 flat[start : start + length] = (current - step).to(param.dtype)
+                if config.guided_by_updates:
+                    slot = self.step_count % config.guide_history
+                    self.buffers["update_history"][index][slot, start : start + length] = step
         return math.sqrt(squared_norm)
 
     def replay_into(self, out, probes: Sequence[int], coefficients, index, start, length) -> None:
         for probe in probes:
             c = coefficients[probe].item()
             if c != 0:
-                stream = stream_seed(self.config.seed, self.step_count, probe, index)
-                out.add_(self.perturber.z(stream, index, start, length), alpha=c)
+                out.add_(self.perturber.z(probe, index, start, length), alpha=c)
 
     def direction(self, index: int, start: int, length: int, g_hat: torch.Tensor, t: int) -> torch.Tensor:
         """The optimiser's step direction for one piece (before multiplying by lr)."""
@@ -375,6 +454,11 @@ class ZOOptimizer:
         saved_rule = state["config"]["update_rule"]
         if saved_rule != self.config.update_rule:
             raise ValueError(f"ZO optimizer state is for update_rule={saved_rule!r}, not {self.config.update_rule!r}")
+        if set(state["buffers"]) != set(self.buffers):
+            raise ValueError(
+                f"ZO optimizer state holds buffers {sorted(state['buffers'])}, this configuration needs "
+                f"{sorted(self.buffers)} (update_rule or guide changed)"
+            )
         self.step_count = int(state["step"])
         for name, tensors in state["buffers"].items():
             for target, source in zip(self.buffers[name], tensors, strict=True):

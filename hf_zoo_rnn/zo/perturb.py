@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .noise import noise
+from .directions import IsotropicDirections
 
 
 def zo_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -36,22 +36,23 @@ def chunk_ranges(numel: int, max_chunk_elements: int) -> Iterator[tuple[int, int
 
 
 class Perturber:
-    """Owns the backup of theta and moves the parameters to theta + scale * z(seed) and back."""
+    """Owns the backup of theta and moves the parameters to theta + scale * z_probe and back; `directions` says
+    what z is (directions.py)."""
 
-    def __init__(self, params: list[torch.Tensor], distribution: str, max_chunk_elements: int):
+    def __init__(self, params: list[torch.Tensor], directions: IsotropicDirections, max_chunk_elements: int):
         for param in params:
             if not param.is_contiguous():
                 raise ValueError("ZO perturbation needs contiguous parameters")
         self.params = params
-        self.distribution = distribution
+        self.directions = directions
         self.max_chunk_elements = max_chunk_elements
         self.backups: list[torch.Tensor] | None = None
 
     def chunks(self, tensor_index: int) -> Iterator[tuple[int, int]]:
         return chunk_ranges(self.params[tensor_index].numel(), self.max_chunk_elements)
 
-    def z(self, stream: int, tensor_index: int, start: int, length: int) -> torch.Tensor:
-        return noise(stream, start, length, self.distribution, self.params[tensor_index].device)
+    def z(self, probe: int, tensor_index: int, start: int, length: int) -> torch.Tensor:
+        return self.directions.z(probe, tensor_index, start, length)
 
     @torch.no_grad()
     def snapshot(self) -> None:
@@ -59,36 +60,36 @@ class Perturber:
         self.backups = [param.detach().clone() for param in self.params]
 
     @torch.no_grad()
-    def perturb(self, streams: list[int], scale: float, z_cache: list[torch.Tensor] | None = None) -> None:
-        """theta <- backup + scale * z, z from one stream seed per tensor (or from `z_cache` when given)."""
+    def perturb(self, probe: int, scale: float, z_cache: list[torch.Tensor] | None = None) -> None:
+        """theta <- backup + scale * z_probe (or + scale * `z_cache`, the same z generated once, when given)."""
         for index, (param, backup) in enumerate(zip(self.params, self.backups, strict=True)):
             flat, source = param.view(-1), backup.view(-1)
             for start, length in self.chunks(index):
                 if z_cache is not None:
                     z = z_cache[index][start : start + length]
                 else:
-                    z = self.z(streams[index], index, start, length)
+                    z = self.z(probe, index, start, length)
                 # out-of-place: .to() of a tensor already in that dtype is the tensor itself, and the backup must not move
                 piece = torch.add(source[start : start + length].to(compute_dtype(param)), z, alpha=scale)
                 flat[start : start + length] = piece.to(param.dtype)
 
     @torch.no_grad()
     def stacked(
-        self, streams: Sequence[list[int]], scales: Sequence[float], keep_z: bool = False
+        self, probes: Sequence[int], scales: Sequence[float], keep_z: bool = False
     ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]] | None]:
-        """theta + scale * z_j for every probe j (its stream seeds) and every scale, as one [J * S, *shape] stack
+        """theta + scale * z_j for every probe j and every scale, as one [J * S, *shape] stack
         per tensor, probe-major; theta itself is not touched. Each point is computed exactly as `perturb` computes
         it, so stacked and sequential evaluation see bit-identical weights. With `keep_z`, also each probe's flat
         fp32 z per tensor (for the buffered update)."""
-        rows = len(streams) * len(scales)
-        stacks, kept = [], [[] for _ in streams]
+        rows = len(probes) * len(scales)
+        stacks, kept = [], [[] for _ in probes]
         for index, param in enumerate(self.params):
             stack = torch.empty((rows, param.numel()), dtype=param.dtype, device=param.device)
             source = param.detach().view(-1)
-            for j, probe_streams in enumerate(streams):
+            for j, probe in enumerate(probes):
                 pieces = []
                 for start, length in self.chunks(index):
-                    z = self.z(probe_streams[index], index, start, length)
+                    z = self.z(probe, index, start, length)
                     base = source[start : start + length].to(compute_dtype(param))
                     for k, scale in enumerate(scales):
                         stack[j * len(scales) + k, start : start + length] = torch.add(base, z, alpha=scale)
