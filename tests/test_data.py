@@ -80,7 +80,7 @@ def test_missing_text_column_names_the_columns(tmp_path, kjv_tokenizer):
         next(iter(PackedStream(open_text_source(str(path), "train"), kjv_tokenizer, 8, 1)))
 
 
-@pytest.mark.parametrize("task", ["copy", "reverse", "sort", "repeat_copy", "add"])
+@pytest.mark.parametrize("task", ["copy", "reverse", "sort", "repeat_copy", "add", "recall"])
 def test_tasks_produce_correct_examples(task):
     rng = random.Random(0)
     source, target = make_example(task, 8, rng)
@@ -90,8 +90,11 @@ def test_tasks_produce_correct_examples(task):
         "sort": lambda: "".join(sorted(source)),
         "repeat_copy": lambda: source * 2,
         "add": lambda: str(sum(int(x) for x in source.split("+"))),
+        "recall": lambda: source[0],
     }[task]()
     assert target == expected
+    if task == "recall":  # the letter to recall, then `length` digits to hold it across
+        assert source[0].islower() and source[1:].isdigit() and len(source) == 9
 
 
 def test_task_lengths_and_loss_mask():

@@ -1,4 +1,4 @@
-"""The paper's transduction tasks: copy, reverse, sort, repeat_copy, add.
+"""The paper's transduction tasks (copy, reverse, sort, repeat_copy, add) and a delayed-recall memory task.
 
 A sample is `input + " " + output + " "`; the loss covers the output and the closing space (the end marker).
 Training lengths are U[2, L]; validation lengths U[L + 1, L + 50], out of distribution.
@@ -9,7 +9,7 @@ import string
 
 import torch
 
-TASKS = ("copy", "reverse", "sort", "repeat_copy", "add")
+TASKS = ("copy", "reverse", "sort", "repeat_copy", "add", "recall")
 IGNORE_INDEX = -100
 
 
@@ -19,6 +19,11 @@ def make_example(task: str, length: int, rng: random.Random) -> tuple[str, str]:
         half = max(1, length // 2)
         a, b = (rng.randrange(10 ** (half - 1), 10**half) for _ in range(2))
         return f"{a}+{b}", str(a + b)
+    if task == "recall":
+        # one letter, then `length` random digits to hold it across: the answer depends on a single input
+        # `length + 1` steps back, which neither a readout nor a short-window gradient can connect
+        key = rng.choice(string.ascii_lowercase)
+        return key + "".join(rng.choice(string.digits) for _ in range(length)), key
     text = "".join(rng.choice(string.ascii_lowercase) for _ in range(length))
     if task == "copy":
         return text, text
