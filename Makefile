@@ -2,6 +2,7 @@
 # torch is installed first and pinned: an unpinned torch resolved alongside the rest can pull a multi-GB CUDA build
 # (on a GPU machine install the CUDA build of torch into .venv first; the pin then finds it already there).
 PYTHON ?= python3
+ARGS ?=
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
@@ -15,9 +16,10 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: install train demo test lint
 install: $(VENV)/.installed
 
-# The embedded default run: the built-in corpus, ZO on 1 CPU process (about 7 minutes on 2 cores).
+# The embedded default run: the built-in corpus, one-step gradients on 1 CPU process (a few minutes on 2 cores).
+# ARGS passes arguments on, e.g. make train ARGS="--config configs/train/pure-zo.yaml" (the paper's pure CD-RGE).
 train: install
-	$(BIN)/accelerate launch --config_file configs/accelerate/cpu-1.yaml scripts/train.py
+	$(BIN)/accelerate launch --config_file configs/accelerate/cpu-1.yaml scripts/train.py $(ARGS)
 
 demo: install
 	$(BIN)/python scripts/demo.py

@@ -54,9 +54,10 @@ def _seed():
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ROOT / "tests" / "tiny_model.yaml"
-# trainer arguments small enough for CI: 2 x 32-token blocks, 4 probes, a 300-token BPE trained on 50K characters
+# trainer arguments small enough for CI: 2 x 32-token blocks, pure ZO with 4 probes, a 300-token BPE trained on 50K
+# characters
 FAST_TRAINING = [
-    "--model_config", str(TINY_MODEL), "--batch_size", "2", "--context_length", "32", "--num_probes", "4",
+    "--local_gradient", "none", "--model_config", str(TINY_MODEL), "--batch_size", "2", "--context_length", "32", "--num_probes", "4",
     "--tokenizer_vocab_size", "300", "--tokenizer_sample_chars", "50000", "--eval_batches", "1",
     "--logging_steps", "1", "--checksum_steps", "1",
 ]  # fmt: skip

@@ -26,6 +26,23 @@ per_rank = ZooTrainer(
 per_rank.train()
 results["per_rank_tokens"] = per_rank.counters["tokens"]
 
+# hybrids: with per-process batches the one-step gradient is averaged (the run's final replica check would stop a
+# disagreement); with a shared batch no gradient crosses the wire and the run must equal one process's
+hybrid = ZooTrainer(
+    *parse_arguments(
+        ["--output_dir", str(out / "hybrid"), *common, "--per_rank_batches", "--max_steps", "2",
+         "--local_gradient", "one_step", "--zo_parameters", "*.bias", "--guide", "local"]
+    )
+)  # fmt: skip
+hybrid.train()
+results["hybrid_comm_bytes"] = hybrid.counters["comm_bytes"]
+results["hybrid_gradient_elements"] = sum(p.numel() for p in hybrid.local.trained + hybrid.local.surrogate)
+shared = ZooTrainer(
+    *parse_arguments(["--output_dir", str(out / "hybrid_shared"), *common, "--local_gradient", "readout"])
+)
+shared.train()
+results["hybrid_shared_comm_bytes"] = shared.counters["comm_bytes"]
+
 if trainer.rank == 1:  # corrupt one replica: the checksum must stop the run
     with torch.no_grad():
         next(trainer.model.parameters()).view(-1)[0] += 1.0

@@ -43,13 +43,18 @@ def test_two_processes_match_one_process_and_guard_their_replicas(tmp_path):
     # 3 steps x 2K float64 scalars, plus the 8-byte checksums; never a parameter
     assert ranks[0]["comm_bytes"] == 3 * 2 * 8 * 4 + 4 * 8 * 2
     assert ranks[0]["per_rank_tokens"] == 2 * 2 * 64  # each process its own batch
+    # per step: the 2K loss scalars and one fp32 all-reduce of the local gradient; 3 replica checks
+    assert ranks[0]["hybrid_comm_bytes"] == 2 * (2 * 8 * 4 + 4 * ranks[0]["hybrid_gradient_elements"]) + 3 * 8 * 2
+    assert ranks[0]["hybrid_shared_comm_bytes"] == 3 * 2 * 8 * 4 + 4 * 8 * 2  # a shared batch: scalars only
 
     # the same run in one process with the same arithmetic (one thread) gives bitwise the same weights
     torch.set_num_threads(1)
     try:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        ZooTrainer(*parse_arguments(["--output_dir", str(tmp_path / "single"), *ARGS])).train()
+        for name, extra in (("split", []), ("hybrid_shared", ["--local_gradient", "readout"])):
+            AcceleratorState._reset_state(reset_partial_state=True)
+            ZooTrainer(*parse_arguments(["--output_dir", str(tmp_path / f"single_{name}"), *ARGS, *extra])).train()
+            two = load_file(tmp_path / name / "model.safetensors")
+            one = load_file(tmp_path / f"single_{name}" / "model.safetensors")
+            assert all(torch.equal(two[k], one[k]) for k in one), name
     finally:
         torch.set_num_threads(2)
-    two, one = load_file(tmp_path / "split" / "model.safetensors"), load_file(tmp_path / "single" / "model.safetensors")
-    assert all(torch.equal(two[k], one[k]) for k in one)

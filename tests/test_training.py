@@ -116,9 +116,14 @@ def final_weights(folder: Path) -> dict:
     return load_file(folder / "model.safetensors")
 
 
-def test_sigkill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+HYBRID = ["--local_gradient", "one_step", "--zo_parameters", "*.bias", "--guide", "local+updates", "--local_steps", "2"]
+
+
+@pytest.mark.parametrize("mode", [[], HYBRID], ids=["zero_order", "hybrid"])
+def test_sigkill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, mode):
     args = [
         *FAST_TRAINING,
+        *mode,
         "--max_steps",
         "40",
         "--save_steps",
@@ -181,6 +186,53 @@ def test_bad_inputs_give_one_clear_error_and_keep_what_was_written(tmp_path):
     assert (checkpoint / "model.safetensors").is_file() and (out / "checkpoint-1").is_dir()
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         run(fast_args(tmp_path / "empty", "--max_steps", "1", "--resume_from_checkpoint", "latest"))
+
+
+def test_local_gradients_train_their_parameters_and_leave_the_rest_frozen(tmp_path):
+    initial = ZooTrainer(*parse_arguments(fast_args(tmp_path / "init", "--max_steps", "0")))
+    initial.setup()
+    before = {name: param.detach().clone() for name, param in initial.model.named_parameters()}
+
+    readout = tmp_path / "readout"
+    run(
+        fast_args(readout, "--max_steps", "4", "--local_gradient", "readout", "--num_probes", "0", "--local_lr", "0.01")
+    )
+    after = final_weights(readout)
+    for name, value in before.items():
+        moved = not torch.equal(after[name], value)
+        assert moved == name.startswith("lm_head."), name  # the readout trained, the recurrence frozen at its init
+    card = (readout / "README.md").read_text()
+    assert "| lm_head.weight, lm_head.bias | readout gradient |" in card and "frozen (initial values)" in card
+
+    one_step = tmp_path / "one_step"
+    run(
+        fast_args(
+            one_step, "--max_steps", "30", "--local_gradient", "one_step", "--num_probes", "0", "--local_lr", "0.01"
+        )
+    )
+    losses = train_losses(one_step)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # a first-order method: it must fall fast
+    after = final_weights(one_step)
+    assert all(not torch.equal(after[name], value) for name, value in before.items())
+
+
+def test_hybrid_settings_that_cannot_work_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigFileError, match="num_probes=0 with local_gradient=none trains nothing"):
+        parse_arguments(["--num_probes", "0"])
+    with pytest.raises(ConfigFileError, match="guide='local' uses the one-step gradient"):
+        parse_arguments(["--guide", "local", "--local_gradient", "readout"])
+    with pytest.raises(ConfigFileError, match="local_gradient must be one of"):
+        parse_arguments(["--local_gradient", "two_step"])
+    with pytest.raises(ConfigFileError, match="leaves no parameter to ZO"):
+        run(fast_args(tmp_path / "a", "--max_steps", "1", "--local_gradient", "one_step"))
+    with pytest.raises(ConfigFileError, match="the default is one_step"):  # a user asking for probes only
+        run(["--output_dir", str(tmp_path / "c"), "--num_probes", "8", "--max_steps", "1"])
+    with pytest.raises(ConfigFileError, match=r"zo_parameters '\*.gate': \['\*.gate'\] matches none"):
+        run(fast_args(tmp_path / "b", "--max_steps", "1", "--zo_parameters", "*.gate"))
+    out = tmp_path / "hybrid"
+    run(fast_args(out, "--max_steps", "1", "--local_gradient", "readout", "--eval_steps", "0"))
+    with pytest.raises(CheckpointError, match="trained with a local gradient and with probes"):
+        run(fast_args(out, "--max_steps", "2", "--resume_from_checkpoint", "latest"))
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)

@@ -34,6 +34,18 @@ def hardware(device) -> str:
     return f"CPU, {os.cpu_count()} cores"
 
 
+def parameter_roles(model, roles: dict[str, str]) -> dict[str, tuple[list[str], int]]:
+    """role -> (parameter names, element count); parameters without a role were frozen. Empty for BPTT, where
+    every parameter is trained by backpropagation."""
+    if not roles:
+        return {}
+    grouped: dict[str, tuple[list[str], int]] = {}
+    for name, param in model.named_parameters():
+        names, count = grouped.get(roles.get(name, "frozen (initial values)"), ([], 0))
+        grouped[roles.get(name, "frozen (initial values)")] = (names + [name], count + param.numel())
+    return grouped
+
+
 def write_model_card(output_dir: Path, model, trainer, final_metrics: dict) -> ModelCard:
     config = model.config
     zo = trainer.zo_config
@@ -61,6 +73,9 @@ def write_model_card(output_dir: Path, model, trainer, final_metrics: dict) -> M
         metrics={k: f"{v:.4f}" for k, v in final_metrics.items()},
         peak_memory_mb=f"{max((r.get('peak_memory_mb', 0) for r in trainer.history), default=0):.0f}",
         hardware=hardware(trainer.accelerator.device),
+        local_gradient=trainer.train_args.local_gradient,
+        train=trainer.train_args,
+        roles=parameter_roles(model, trainer.parameter_roles),
     )
     card.save(output_dir / "README.md")
     return card

@@ -3,6 +3,8 @@
 Zero-order (default): every process holds the full model, evaluates its share of the K probes on the same batch
 (or its own with per_rank_batches), all-gathers only the 2K loss scalars, and applies the identical update.
 No parameter crosses the wire; a parameter checksum compared every `checksum_steps` proves the replicas agree.
+With a local gradient (local_gradients.py) the same step also trains some parameters by their exact local
+gradient (no backpropagation through time); only with per_rank_batches is that gradient averaged over processes.
 BPTT baselines (bptt_sgd / bptt_adamw) train the same model on the same data with truncated backprop.
 """
 
@@ -13,6 +15,7 @@ import logging
 import pickle
 import resource
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from huggingface_hub import HfApi
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..config_files import load_model_config, model_config_from_dict
+from ..config_files import ConfigFileError, load_model_config, model_config_from_dict
 from ..configuration_zoo_rnn import ZooRnnConfig
 from ..data import PackedStream, TaskStream, build_tokenizer, documents, open_text_source
 from ..hub import RESUME_ONLY, HubPusher, resolve_hub_checkpoint
@@ -32,6 +35,7 @@ from ..zo import StackedLoss, ZOConfig, ZOOptimizer
 from .arguments import DataArguments, ModelArguments, TrainArguments
 from .checkpoints import CheckpointError, latest_checkpoint, prune_checkpoints, write_atomically
 from .evaluation import language_model_metrics, task_metrics
+from .local_gradients import LocalGradientStep, partition_parameters
 from .reporting import plot_loss_curve, write_model_card
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,9 @@ class ZooTrainer:
         self.counters = {"step": 0, "forward_passes": 0, "tokens": 0, "comm_bytes": 0}
         self.pusher = self.make_pusher() if train_args.push_to_hub and self.accelerator.is_main_process else None
         self.first_batch = None  # fixed_batch: a fresh stream's first batch, so a resumed run reads the same one
+        self.zo: ZOOptimizer | None = None
+        self.local: LocalGradientStep | None = None
+        self.parameter_roles: dict[str, str] = {}  # parameter name -> how it is trained (for the model card)
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
@@ -69,10 +76,7 @@ class ZooTrainer:
         self.model = self.load_model()
         self.train_stream = self.make_stream(validation=False)
         if self.is_zo:
-            self.model.eval().requires_grad_(False)
-            if self.zo_config.total_steps is None:  # schedules span the run, as in transformers' Trainer
-                self.zo_config.total_steps = self.train_args.max_steps
-            self.zo = ZOOptimizer(self.model, self.zo_config)
+            self.setup_zero_order()
         else:
             self.model.train()
             optimizer_class = torch.optim.SGD if self.train_args.optimizer == "bptt_sgd" else torch.optim.AdamW
@@ -82,6 +86,34 @@ class ZooTrainer:
         if self.resume_dir is not None:
             self.load_training_state(self.resume_dir)
         self.train_iterator = iter(self.train_stream)
+
+    def setup_zero_order(self) -> None:
+        """The ZO optimiser over its share of the parameters and, with a local gradient, its AdamW half."""
+        args, zo_config = self.train_args, self.zo_config
+        self.model.eval().requires_grad_(False)
+        if zo_config.total_steps is None:  # schedules span the run, as in transformers' Trainer
+            zo_config.total_steps = args.max_steps
+        try:
+            zo_names, local_names = partition_parameters(self.model, args.local_gradient, args.zo_parameters)
+        except ValueError as error:
+            raise ConfigFileError(str(error)) from error
+        if zo_config.num_probes and not zo_names:
+            raise ConfigFileError(
+                f"local_gradient={args.local_gradient!r} (the default is one_step) leaves no parameter to ZO: "
+                "--local_gradient none for pure zero-order training, --zo_parameters GLOBS for a hybrid, or "
+                "--num_probes 0"
+            )
+        self.parameter_roles = {name: "zero-order" for name in zo_names if zo_config.num_probes}
+        self.parameter_roles.update({name: f"{args.local_gradient} gradient" for name in local_names})
+        self.zo = ZOOptimizer(self.model, zo_config, zo_names) if zo_config.num_probes else None
+        if args.local_gradient != "none":
+            reduce = None
+            if self.data_args.per_rank_batches and self.world_size > 1:
+                reduce = partial(self.accelerator.reduce, reduction="mean")
+            surrogate = zo_names if zo_config.guided_by_local_gradient else []
+            self.local = LocalGradientStep(
+                self.model, args.local_gradient, local_names, surrogate, args, args.max_steps, reduce
+            )
 
     def resolve_resume(self) -> Path | None:
         choice = self.train_args.resume_from_checkpoint
@@ -185,16 +217,20 @@ class ZooTrainer:
         progress = tqdm(
             total=args.max_steps, initial=self.counters["step"], disable=not self.accelerator.is_local_main_process
         )
-        started = time.perf_counter()
+        started, training_seconds = time.perf_counter(), 0.0
         while self.counters["step"] < args.max_steps:
+            if args.max_train_seconds is not None and training_seconds >= args.max_train_seconds:
+                break
             input_ids, labels = self.next_batch()
             step_started = time.perf_counter()
             metrics = self.zo_step(input_ids, labels) if self.is_zo else self.bptt_step(input_ids, labels)
+            training_seconds += time.perf_counter() - step_started
             self.counters["step"] += 1
             self.counters["tokens"] += input_ids.numel() * (self.world_size if self.data_args.per_rank_batches else 1)
             step = self.counters["step"]
             metrics.update(
                 step_seconds=time.perf_counter() - step_started,
+                training_seconds=training_seconds,
                 tokens=self.counters["tokens"],
                 forward_passes=self.counters["forward_passes"],
                 comm_bytes=self.counters["comm_bytes"],
@@ -213,7 +249,7 @@ class ZooTrainer:
                 self.save_checkpoint()
             progress.update(1)
             rates = {"tok_s": f"{input_ids.numel() / metrics['step_seconds']:.0f}"}
-            if self.is_zo:
+            if self.is_zo and self.zo is not None:
                 rates["probes_s"] = f"{self.zo_config.num_probes / metrics['step_seconds']:.1f}"
             progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", **rates)
             if reached:
@@ -221,6 +257,7 @@ class ZooTrainer:
         progress.close()
         final = self.evaluate()
         final["train_seconds"] = time.perf_counter() - started
+        final["training_seconds"] = training_seconds
         self.log({**final, "step": self.counters["step"]})
         self.check_replicas()
         self.save_checkpoint()
@@ -247,6 +284,31 @@ class ZooTrainer:
         return batch
 
     def zo_step(self, input_ids, labels) -> dict:
+        """One hybrid step at one theta: the local gradient's forward (which also gives the clean loss), the
+        probes, then both updates; then any further local steps on fresh batches."""
+        metrics, clean_loss, surrogates = {}, None, []
+        if self.local is not None:
+            clean_loss, sent = self.local.gradients(input_ids, labels)
+            surrogates = self.local.surrogates()
+            self.counters["forward_passes"] += 1
+            self.counters["comm_bytes"] += sent
+        if self.zo is not None:
+            metrics = self.zero_order_update(input_ids, labels, clean_loss, surrogates)
+            metrics["perturbed_loss"] = metrics["train_loss"]
+        if self.local is not None:
+            metrics["local_lr"] = self.local.step()
+            for _ in range(self.train_args.local_steps - 1):
+                _, sent = self.local.gradients(*self.next_batch())
+                self.counters["forward_passes"] += 1
+                self.counters["comm_bytes"] += sent
+                self.local.step()
+            if self.world_size > 1 and self.data_args.per_rank_batches:  # log the mean over processes, as BPTT does
+                clean_loss = self.accelerator.reduce(torch.tensor(clean_loss, device=self.accelerator.device), "mean")
+                clean_loss = clean_loss.item()
+            metrics["train_loss"] = clean_loss  # the clean loss of this step's batch, before its updates
+        return metrics
+
+    def zero_order_update(self, input_ids, labels, clean_loss, surrogates) -> dict:
         model = self.model
 
         def loss_fn():
@@ -255,8 +317,15 @@ class ZooTrainer:
         stacked = None
         if self.zo_config.probes_per_forward != 1:
             stacked = StackedLoss.of_model(self.accelerator.unwrap_model(model), self.zo.names, input_ids, labels)
+        # with per-process batches the clean losses differ by process; the probes' base must be each one's own
         stats = self.zo.step(
-            loss_fn, rank=self.rank, world_size=self.world_size, gather=self.accelerator.gather, stacked_loss=stacked
+            loss_fn,
+            rank=self.rank,
+            world_size=self.world_size,
+            gather=self.accelerator.gather,
+            stacked_loss=stacked,
+            clean_loss=clean_loss,
+            surrogates=surrogates,
         )
         self.counters["forward_passes"] += stats.forward_passes
         # per step each process sends its k = K / world_size pairs of float64 losses and receives all 2K
@@ -352,7 +421,7 @@ class ZooTrainer:
         step = self.counters["step"]
         target = self.output_dir / f"checkpoint-{step}"
         model = self.accelerator.unwrap_model(self.model)
-        optimizer_state = self.zo.state_dict() if self.is_zo else self.optimizer.state_dict()
+        optimizer_state = self.optimizer_state()
 
         def write(folder: Path) -> None:
             # per process: its data position and RNG; main process: the model, tokenizer and shared state
@@ -394,10 +463,33 @@ class ZooTrainer:
         if not self.data_args.fixed_batch:
             self.train_stream.load_state_dict(process_state["data"])
         torch.set_rng_state(process_state["rng"])
-        if self.is_zo:
-            self.zo.load_state_dict(optimizer_state)
-        else:
-            self.optimizer.load_state_dict(optimizer_state)
+        self.load_optimizer_state(optimizer_state, folder)
+
+    def optimizer_state(self) -> dict:
+        if not self.is_zo:
+            return self.optimizer.state_dict()
+        state = self.zo.state_dict() if self.zo is not None else {}
+        if self.local is not None:
+            state = {**state, "local": self.local.state_dict()}
+        return state
+
+    def load_optimizer_state(self, state: dict, folder: Path) -> None:
+        if not self.is_zo:
+            self.optimizer.load_state_dict(state)
+            return
+        has_local, has_zo = "local" in state, "step" in state
+        if has_local != (self.local is not None) or has_zo != (self.zo is not None):
+            raise CheckpointError(
+                f"{folder} was trained with{'' if has_local else 'out'} a local gradient and with"
+                f"{'' if has_zo else 'out'} probes; resume with the same local_gradient and num_probes > 0 setting"
+            )
+        try:
+            if self.zo is not None:
+                self.zo.load_state_dict(state)
+            if self.local is not None:
+                self.local.load_state_dict(state["local"])
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{folder}: the optimizer state does not fit this run: {error}") from error
 
     def save_final_model(self, final_metrics: dict) -> None:
         if not self.accelerator.is_main_process:
