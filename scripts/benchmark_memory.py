@@ -7,9 +7,11 @@ memory.png.
     python scripts/benchmark_memory.py [--model_config configs/model/tiny.yaml] [--num_probes 2]
         [--contexts 1024 16384 131072 1048576] [--memory_limit_gb 8]
 
-inference  one forward with labels under inference_mode: the context is fed in chunks, the state carried
-zo         one ZOOptimizer step (2K such forwards, an exact-restore copy of theta, the update)
-bptt       one full backpropagation through the whole context and an AdamW step: every step's activations are kept
+inference   one forward with labels under inference_mode: the context is fed in chunks, the state carried
+zo          one ZOOptimizer step (2K such forwards, an exact-restore copy of theta, the update)
+readout+zo  a hybrid step: the readout's exact gradient (a backward per chunk) and AdamW, ZO on the rest
+one_step    the one-step gradient of every parameter (a backward per chunk, one recurrent step deep) and AdamW
+bptt        one full backpropagation through the whole context and an AdamW step: every step's activations are kept
 """
 
 import csv
@@ -30,9 +32,13 @@ from transformers import AutoModelForCausalLM, HfArgumentParser  # noqa: E402
 
 import hf_zoo_rnn  # noqa: E402, F401  (registers the Auto classes)
 from hf_zoo_rnn.config_files import load_model_config  # noqa: E402
+from hf_zoo_rnn.training.local_gradients import (  # noqa: E402
+    accumulate_local_gradients,
+    partition_parameters,
+)
 from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer  # noqa: E402
 
-MODES = ("inference", "zo", "bptt")
+MODES = ("inference", "zo", "readout+zo", "one_step", "bptt")
 
 
 @dataclass
@@ -67,18 +73,31 @@ def measure(args: MemoryBenchmarkArguments, mode: str, context: int) -> dict:
     def loss_fn():
         return model(ids, labels=ids, logits_to_keep=1).loss
 
-    zo = ZOOptimizer(model, ZOConfig(num_probes=args.num_probes, lr=1e-3)) if mode == "zo" else None
-    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3) if mode == "bptt" else None
+    model.eval().requires_grad_(mode == "bptt")
+    zo_names, local_names = partition_parameters(
+        model, {"readout+zo": "readout", "one_step": "one_step"}.get(mode, "none"), "auto"
+    )
+    zo = ZOOptimizer(model, ZOConfig(num_probes=args.num_probes, lr=1e-3), zo_names) if "zo" in mode else None
+    trained = (
+        [p for n, p in model.named_parameters() if n in local_names] if mode != "bptt" else list(model.parameters())
+    )
+    for param in trained:
+        param.requires_grad_(True)
+    adamw = torch.optim.AdamW(trained, lr=1e-3) if trained else None
     before = current_rss_mb()
     started = time.perf_counter()
     if mode == "inference":
         with torch.inference_mode():
             loss_fn()
     elif mode == "zo":
-        model.eval().requires_grad_(False)
         zo.step(loss_fn)
-    else:
+    elif mode == "bptt":
         loss_fn().backward()
+        adamw.step()
+    else:
+        clean = accumulate_local_gradients(model, ids, ids, "readout" if mode == "readout+zo" else "one_step")
+        if zo is not None:
+            zo.step(loss_fn, clean_loss=clean)
         adamw.step()
     return {"seconds": time.perf_counter() - started, "rss_before_mb": before, "peak_rss_mb": peak_rss_mb()}
 

@@ -15,8 +15,6 @@ experiment:
   char_lm  character-level LM on the built-in corpus: validation loss vs steps and vs forward passes
 """
 
-import csv
-import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +25,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
+
+from hf_zoo_rnn.training.reporting import logged_metrics, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERFIT_LOSS = 0.1
@@ -93,24 +93,16 @@ class ReproductionArguments:
     )
 
 
-def logged(output_dir: Path) -> list[dict]:
-    path = output_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise SystemExit(f"{path} does not exist: run this experiment before --replot")
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def run(arguments: list[str], output_dir: Path, max_steps: int | None) -> list[dict]:
     """One training run in a fresh interpreter (its own peak memory); returns its logged records."""
     command = [sys.executable, str(ROOT / "scripts" / "train.py"), *arguments, "--output_dir", str(output_dir)]
     command += ["--log_with", "none", "--save_steps", "0"]
     if max_steps is not None:
         command += ["--max_steps", str(max_steps), "--eval_steps", str(max_steps)]
-    if (output_dir / "metrics.jsonl").exists():
-        (output_dir / "metrics.jsonl").unlink()
+    (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     print("$", " ".join(command[1:]), flush=True)
     subprocess.run(command, check=True, cwd=ROOT)
-    return logged(output_dir)
+    return logged_metrics(output_dir)
 
 
 def summarize(experiment: str, name: str, records: list[dict]) -> dict:
@@ -184,18 +176,14 @@ def main() -> None:
     rows = []
     for experiment in args.experiments:
         runs = {
-            name: logged(out / experiment / name) if args.replot else run(argv, out / experiment / name, args.max_steps)
+            name: logged_metrics(out / experiment / name)
+            if args.replot
+            else run(argv, out / experiment / name, args.max_steps)
             for name, argv in EXPERIMENTS[experiment].items()
         }
         rows += [summarize(experiment, name, records) for name, records in runs.items()]
         plot(experiment, runs, out / f"{experiment}.png")
-    fieldnames = list(dict.fromkeys(key for row in rows for key in row))
-    with open(out / "summary.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fieldnames)
-        writer.writeheader()
-        writer.writerows(rows)
-    for row in rows:
-        print(", ".join(f"{k}={v}" for k, v in row.items() if v is not None))
+    write_table(rows, out / "summary.csv")
     print(f"wrote {out / 'summary.csv'} and one PNG per experiment")
 
 

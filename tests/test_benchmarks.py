@@ -2,7 +2,7 @@
 
 import csv
 
-from conftest import run_script
+from conftest import FAST_TRAINING, run_script
 
 
 def rows(path) -> list[dict]:
@@ -51,10 +51,12 @@ def test_memory_benchmark_measures_every_mode_and_context(tmp_path):
         str(tmp_path),
     )
     table = {(r["mode"], int(r["context"])): r for r in rows(tmp_path / "memory.csv")}
-    assert set(table) == {(mode, context) for mode in ("inference", "zo", "bptt") for context in (64, 512)}
+    modes = ("inference", "zo", "readout+zo", "one_step", "bptt")
+    assert set(table) == {(mode, context) for mode in modes for context in (64, 512)}
     assert all(r["status"] == "ok" and float(r["peak_rss_mb"]) > float(r["rss_before_mb"]) > 0 for r in table.values())
     for context in (64, 512):  # a ZO step holds one copy of theta more than inference: tiny next to the runtime
-        assert float(table["zo", context]["peak_rss_mb"]) < 1.05 * float(table["inference", context]["peak_rss_mb"])
+        for mode in ("zo", "readout+zo", "one_step"):  # a backward per chunk: constant in context, like ZO
+            assert float(table[mode, context]["peak_rss_mb"]) < 1.05 * float(table["inference", context]["peak_rss_mb"])
     assert (tmp_path / "memory.png").stat().st_size > 0
 
 
@@ -67,6 +69,29 @@ def test_reproduction_runs_and_summarises_the_overfitting_experiment(tmp_path):
     (tmp_path / "overfit.png").unlink()
     run_script("reproduce.py", "--experiments", "overfit", "--replot", "--output_dir", str(tmp_path))
     assert rows(tmp_path / "summary.csv") == summary and (tmp_path / "overfit.png").stat().st_size > 0
+
+
+def test_estimator_benchmark_runs_every_section_and_reports_the_zo_contribution(tmp_path):
+    tiny = " ".join(FAST_TRAINING)
+    run_script("benchmark_estimators.py", "--sections", "lm", "memory", "cosine", "--methods", "one_step_only",
+               "one_step+zo_bias", "--seconds", "1", "--evaluations", "1", "--recall_length", "4",
+               "--train_arguments", tiny, "--output_dir", str(tmp_path))  # fmt: skip
+    table = rows(tmp_path / "estimators.csv")
+    runs = {(r["section"], r["method"]): r for r in table if r["section"] != "cosine"}
+    assert set(runs) == {(s, m) for s in ("lm", "memory") for m in ("one_step_only", "one_step+zo_bias")}
+    hybrid, alone = runs["lm", "one_step+zo_bias"], runs["lm", "one_step_only"]
+    assert float(hybrid["zo_contribution"]) == round(float(alone["eval_loss"]) - float(hybrid["eval_loss"]), 4)
+    assert runs["memory", "one_step+zo_bias"]["zo_contribution_in_distribution"] != ""
+    assert all(float(r["training_seconds"]) < 10 for r in runs.values())  # the budget stops every run
+    cosines = {(r["estimator"], r["probes"]): float(r["cosine"]) for r in table if r["section"] == "cosine"}
+    assert cosines["one-step gradient", "0"] > 0.5 > cosines["CD-RGE, isotropic", "16"]
+    assert (tmp_path / "estimators_lm.png").stat().st_size > 0 and (tmp_path / "estimators_memory.png").is_file()
+    (tmp_path / "estimators_lm.png").unlink()
+    run_script("benchmark_estimators.py", "--sections", "lm", "memory", "--methods", "one_step_only", "one_step+zo_bias",
+               "--replot", "--output_dir", str(tmp_path))  # fmt: skip
+    replotted = rows(tmp_path / "estimators.csv")
+    assert replotted == [{key: r[key] for key in replotted[0]} for r in table if r["section"] != "cosine"]
+    assert (tmp_path / "estimators_lm.png").stat().st_size > 0
 
 
 def test_communication_and_recurrence_benchmarks_run(tmp_path):

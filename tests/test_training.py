@@ -93,6 +93,8 @@ def test_task_training_reports_exact_match(tmp_path):
             str(tmp_path),
             "--task",
             "copy",
+            "--local_gradient",
+            "none",
             "--model_config",
             str(TINY_MODEL),
             "--batch_size",
@@ -218,14 +220,14 @@ def test_local_gradients_train_their_parameters_and_leave_the_rest_frozen(tmp_pa
 
 def test_hybrid_settings_that_cannot_work_are_clear_errors(tmp_path):
     with pytest.raises(ConfigFileError, match="num_probes=0 with local_gradient=none trains nothing"):
-        parse_arguments(["--num_probes", "0"])
+        parse_arguments(["--local_gradient", "none", "--num_probes", "0"])
     with pytest.raises(ConfigFileError, match="guide='local' uses the one-step gradient"):
         parse_arguments(["--guide", "local", "--local_gradient", "readout"])
     with pytest.raises(ConfigFileError, match="local_gradient must be one of"):
         parse_arguments(["--local_gradient", "two_step"])
-    with pytest.raises(ConfigFileError, match="leaves no parameter to ZO"):
+    with pytest.raises(ConfigFileError, match="trains every parameter and leaves none to the 4 probes"):
         run(fast_args(tmp_path / "a", "--max_steps", "1", "--local_gradient", "one_step"))
-    with pytest.raises(ConfigFileError, match="the default is one_step"):  # a user asking for probes only
+    with pytest.raises(ConfigFileError, match=r"one_step' \(the default\).*--local_gradient none"):  # probes asked for
         run(["--output_dir", str(tmp_path / "c"), "--num_probes", "8", "--max_steps", "1"])
     with pytest.raises(ConfigFileError, match=r"zo_parameters '\*.gate': \['\*.gate'\] matches none"):
         run(fast_args(tmp_path / "b", "--max_steps", "1", "--zo_parameters", "*.gate"))
@@ -258,6 +260,8 @@ def test_fixed_batch_overfits_and_generate_evaluate_scripts_run(tmp_path):
             str(out),
             "--task",
             "copy",
+            "--local_gradient",
+            "none",
             "--model_config",
             str(TINY_MODEL),
             "--fixed_batch",
@@ -300,6 +304,8 @@ def test_curriculum_grows_the_task_length_and_is_checkpointed(tmp_path):
             str(tmp_path),
             "--task",
             "reverse",
+            "--local_gradient",
+            "none",
             "--model_config",
             str(TINY_MODEL),
             "--batch_size",

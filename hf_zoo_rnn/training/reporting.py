@@ -1,5 +1,7 @@
-"""What a finished run leaves for people: a loss-curve PNG and a model card."""
+"""What a finished run leaves for people: a loss-curve PNG and a model card; and the tables scripts make of runs."""
 
+import csv
+import json
 import os
 from pathlib import Path
 
@@ -11,6 +13,25 @@ import torch  # noqa: E402
 from huggingface_hub import ModelCard, ModelCardData  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "zoo_rnn.md"
+
+
+def logged_metrics(output_dir: Path) -> list[dict]:
+    """The records a run wrote to metrics.jsonl; a clear error when it never ran there."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: train that run first")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_table(rows: list[dict], path: Path) -> None:
+    """Rows to CSV (columns: every key, in first-seen order), and one line per row on stdout."""
+    fieldnames = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        print(", ".join(f"{k}={v}" for k, v in row.items() if v is not None))
 
 
 def plot_loss_curve(history: list[dict], path: Path) -> None:

@@ -99,9 +99,9 @@ class ZooTrainer:
             raise ConfigFileError(str(error)) from error
         if zo_config.num_probes and not zo_names:
             raise ConfigFileError(
-                f"local_gradient={args.local_gradient!r} (the default is one_step) leaves no parameter to ZO: "
-                "--local_gradient none for pure zero-order training, --zo_parameters GLOBS for a hybrid, or "
-                "--num_probes 0"
+                f"local_gradient='one_step' (the default) trains every parameter and leaves none to the "
+                f"{zo_config.num_probes} probes: pass --local_gradient none for pure zero-order training, "
+                "--zo_parameters GLOBS for a hybrid, or --num_probes 0"
             )
         self.parameter_roles = {name: "zero-order" for name in zo_names if zo_config.num_probes}
         self.parameter_roles.update({name: f"{args.local_gradient} gradient" for name in local_names})
