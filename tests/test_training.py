@@ -196,9 +196,10 @@ def test_local_gradients_train_their_parameters_and_leave_the_rest_frozen(tmp_pa
     before = {name: param.detach().clone() for name, param in initial.model.named_parameters()}
 
     readout = tmp_path / "readout"
-    run(
-        fast_args(readout, "--max_steps", "4", "--local_gradient", "readout", "--num_probes", "0", "--local_lr", "0.01")
-    )
+    run(fast_args(readout, "--max_steps", "4", "--local_gradient", "readout", "--num_probes", "0", "--local_lr", "0.01",
+                  "--local_steps", "3"))  # fmt: skip
+    last = [r for r in map(json.loads, (readout / "metrics.jsonl").read_text().splitlines()) if "tokens" in r][-1]
+    assert last["tokens"] == 4 * 3 * 2 * 32 and last["forward_passes"] == 4 * 3  # every local step's batch counts
     after = final_weights(readout)
     for name, value in before.items():
         moved = not torch.equal(after[name], value)
@@ -223,6 +224,8 @@ def test_hybrid_settings_that_cannot_work_are_clear_errors(tmp_path):
         parse_arguments(["--local_gradient", "none", "--num_probes", "0"])
     with pytest.raises(ConfigFileError, match="guide='local' uses the one-step gradient"):
         parse_arguments(["--guide", "local", "--local_gradient", "readout"])
+    with pytest.raises(ConfigFileError, match="max_train_seconds must be positive, got 0.0"):
+        parse_arguments(["--max_train_seconds", "0"])
     with pytest.raises(ConfigFileError, match="local_gradient must be one of"):
         parse_arguments(["--local_gradient", "two_step"])
     with pytest.raises(ConfigFileError, match="trains every parameter and leaves none to the 4 probes"):

@@ -190,6 +190,8 @@ def check_choices(
         raise ConfigFileError(
             f"local_lr_schedule must be one of {LOCAL_SCHEDULES}, got {train_args.local_lr_schedule!r}"
         )
+    if train_args.max_train_seconds is not None and train_args.max_train_seconds <= 0:
+        raise ConfigFileError(f"max_train_seconds must be positive, got {train_args.max_train_seconds}")
     if train_args.local_steps < 1 or train_args.local_lr <= 0:
         raise ConfigFileError(
             f"local_steps must be >= 1 and local_lr positive, got {train_args.local_steps} and {train_args.local_lr}"

@@ -34,12 +34,12 @@ def write_table(rows: list[dict], path: Path) -> None:
         print(", ".join(f"{k}={v}" for k, v in row.items() if v is not None))
 
 
-def plot_loss_curve(history: list[dict], path: Path) -> None:
+def plot_loss_curve(history: list[dict], path: Path, train_label: str) -> None:
     train = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:
-        ax.plot(*zip(*train, strict=True), label="train (mean perturbed loss)")
+        ax.plot(*zip(*train, strict=True), label=train_label)
     if evals:
         ax.plot(*zip(*evals, strict=True), marker="o", label="validation (clean loss)")
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="hf_zoo_rnn training")

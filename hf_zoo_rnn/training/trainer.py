@@ -298,10 +298,14 @@ class ZooTrainer:
         if self.local is not None:
             metrics["local_lr"] = self.local.step()
             for _ in range(self.train_args.local_steps - 1):
-                _, sent = self.local.gradients(*self.next_batch())
+                extra_ids, extra_labels = self.next_batch()
+                _, sent = self.local.gradients(extra_ids, extra_labels)
+                self.local.step()
                 self.counters["forward_passes"] += 1
                 self.counters["comm_bytes"] += sent
-                self.local.step()
+                self.counters["tokens"] += extra_ids.numel() * (
+                    self.world_size if self.data_args.per_rank_batches else 1
+                )
             if self.world_size > 1 and self.data_args.per_rank_batches:  # log the mean over processes, as BPTT does
                 clean_loss = self.accelerator.reduce(torch.tensor(clean_loss, device=self.accelerator.device), "mean")
                 clean_loss = clean_loss.item()
@@ -512,7 +516,11 @@ class ZooTrainer:
 
     def write_report(self, folder: Path, metrics: dict) -> None:
         """Loss curve and model card: every checkpoint folder carries its own."""
-        plot_loss_curve(self.history, folder / "loss_curve.png")
+        if self.is_zo and self.local is None:
+            label = "train (mean perturbed loss)"
+        else:
+            label = "train (clean loss of each step's batch)"
+        plot_loss_curve(self.history, folder / "loss_curve.png", label)
         write_model_card(folder, self.accelerator.unwrap_model(self.model), self, metrics)
 
     def latest_eval(self) -> dict:
