@@ -1,12 +1,18 @@
 """Exact local gradients: the readout's equals autograd's full gradient, the one-step gradient equals a
 token-by-token autograd reference with the recurrent state detached between tokens."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import small_config
 
 from hf_zoo_rnn import ZooRnnForCausalLM
-from hf_zoo_rnn.training.local_gradients import accumulate_local_gradients, readout_parameter_names
+from hf_zoo_rnn.training.local_gradients import (
+    LocalGradientStep,
+    accumulate_local_gradients,
+    readout_parameter_names,
+)
 
 VARIANTS = [
     dict(cell="lstm"),
@@ -99,3 +105,20 @@ def test_unknown_scope_is_a_clear_error():
     model = fp64_model()
     with pytest.raises(ValueError, match="one_step"):
         accumulate_local_gradients(model, *batch(), "two_step")
+
+
+def test_a_non_finite_local_gradient_is_dropped_not_stepped():
+    model = fp64_model()
+    names = readout_parameter_names(model)
+    args = SimpleNamespace(local_lr=0.1, local_beta1=0.9, local_beta2=0.999, local_weight_decay=0.0,
+                           local_lr_schedule="constant", local_warmup_steps=0, local_steps=1)  # fmt: skip
+    step = LocalGradientStep(model, "readout", names, [], args, total_steps=10)
+    ids, labels = batch()
+    step.gradients(ids, labels)
+    assert step.gradients_are_finite()
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    model.lm_head.weight.grad[0, 0] = float("nan")
+    assert not step.gradients_are_finite()
+    step.skip()
+    assert all(torch.equal(param, before[name]) for name, param in model.named_parameters())
+    assert all(param.grad is None for param in model.parameters())

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_zoo_rnn.config_files import ConfigFileError
-from hf_zoo_rnn.training import CheckpointError, ZooTrainer, parse_arguments
+from hf_zoo_rnn.training import CheckpointError, TrainingStalledError, ZooTrainer, parse_arguments
+from hf_zoo_rnn.training.checkpoints import checkpoints, latest_checkpoint, prune_checkpoints
 
 
 def run(argv: list[str]) -> dict:
@@ -378,3 +381,60 @@ def test_stacked_probes_train_like_sequential_ones_and_early_stop_ends_the_run(t
     final = run(fast_args(out, "--max_steps", "50", "--eval_steps", "0", "--save_steps", "0", "--log_with", "none",
                           "--stop_at_train_loss", "100"))  # fmt: skip
     assert len(train_losses(out)) == 1 and (out / "checkpoint-1").is_dir() and "eval_loss" in final
+
+
+def damage(path: Path) -> None:
+    """Flip 16 bytes in the middle of a file, as a disk fault or a partial copy would."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_refused_and_latest_falls_back_to_the_newest_good_one(tmp_path):
+    args = [
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "1",
+        "--eval_steps",
+        "0",
+        "--save_total_limit",
+        "5",
+        "--log_with",
+        "none",
+    ]
+    whole = tmp_path / "whole"
+    run(fast_args(whole, *args))
+    for name in ("model.safetensors", "optimizer.pt", "process_0.pt", "trainer_state.json"):
+        out = tmp_path / name
+        shutil.copytree(whole, out)
+        damage(out / "checkpoint-3" / name)
+        with pytest.raises(CheckpointError, match=rf"checkpoint-3/{re.escape(name)} does not match the checksum"):
+            run(fast_args(out, *args, "--resume_from_checkpoint", str(out / "checkpoint-3")))
+        run(fast_args(out, *args, "--resume_from_checkpoint", "latest"))  # resumes from checkpoint-2
+        resumed, expected = final_weights(out), final_weights(whole)
+        assert all(torch.equal(resumed[k], expected[k]) for k in expected), name
+    every = tmp_path / "all_damaged"
+    shutil.copytree(whole, every)
+    for folder in sorted(every.glob("checkpoint-*")):
+        damage(folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="holds no checkpoint that verifies"):
+        run(fast_args(every, *args, "--resume_from_checkpoint", "latest"))
+
+
+def test_pruning_never_removes_the_newest_checkpoint_that_verifies(tmp_path):
+    out = tmp_path / "run"
+    run(fast_args(out, "--max_steps", "3", "--save_steps", "1", "--eval_steps", "0", "--save_total_limit", "5"))
+    damage(out / "checkpoint-3" / "model.safetensors")
+    prune_checkpoints(out, keep=1)
+    assert [p.name for p in checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]  # the newest, and the newest good
+    assert latest_checkpoint(out) == out / "checkpoint-2"
+
+
+def test_a_run_whose_steps_are_all_skipped_stops_before_saving(tmp_path):
+    out = tmp_path / "diverged"  # probes at theta +- 1e38 z: every loss is NaN, every step skipped
+    with pytest.raises(TrainingStalledError, match=r"step \d+: 3 steps in a row were skipped \(every probe's loss"):
+        run(fast_args(out, "--max_steps", "30", "--save_steps", "0", "--eval_steps", "0", "--eps", "1e38",
+                      "--max_skipped_steps", "3"))  # fmt: skip
+    assert not (out / "model.safetensors").exists()

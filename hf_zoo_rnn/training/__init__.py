@@ -2,13 +2,14 @@
 
 from .arguments import DataArguments, ModelArguments, TrainArguments, parse_arguments
 from .checkpoints import CheckpointError, latest_checkpoint
-from .trainer import ReplicaMismatchError, ZooTrainer
+from .trainer import ReplicaMismatchError, TrainingStalledError, ZooTrainer
 
 __all__ = [
     "CheckpointError",
     "DataArguments",
     "ModelArguments",
     "ReplicaMismatchError",
+    "TrainingStalledError",
     "TrainArguments",
     "ZooTrainer",
     "latest_checkpoint",

@@ -120,6 +120,10 @@ class TrainArguments:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "a checkpoint folder, or 'latest' in output_dir"}
     )
+    max_skipped_steps: int = field(
+        default=10,
+        metadata={"help": "stop with an error after this many skipped steps in a row (NaN losses; 0: never)"},
+    )
     checksum_steps: int = field(
         default=50, metadata={"help": "compare parameter checksums across processes every N steps"}
     )

@@ -206,6 +206,14 @@ class LocalGradientStep:
             param.grad = None
         return lr
 
+    def gradients_are_finite(self) -> bool:
+        return all(bool(torch.isfinite(p.grad).all()) for p in self.trained + self.surrogate if p.grad is not None)
+
+    def skip(self) -> None:
+        """Drop this step's gradient without stepping (its loss was not finite)."""
+        for param in self.trained + self.surrogate:
+            param.grad = None
+
     def state_dict(self) -> dict:
         if self.optimizer is None:
             return {}

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import pickle
 import resource
 import time
@@ -33,7 +34,14 @@ from ..hub import RESUME_ONLY, HubPusher, resolve_hub_checkpoint
 from ..modeling_zoo_rnn import IGNORE_INDEX, ZooRnnForCausalLM
 from ..zo import StackedLoss, ZOConfig, ZOOptimizer
 from .arguments import DataArguments, ModelArguments, TrainArguments
-from .checkpoints import CheckpointError, latest_checkpoint, prune_checkpoints, write_atomically
+from .checkpoints import (
+    CheckpointError,
+    checkpoint_problem,
+    checkpoints,
+    latest_checkpoint,
+    prune_checkpoints,
+    write_atomically,
+)
 from .evaluation import language_model_metrics, task_metrics
 from .local_gradients import LocalGradientStep, partition_parameters
 from .reporting import plot_loss_curve, write_model_card
@@ -45,6 +53,10 @@ DEFAULT_MODEL = {"cell": "lstm", "embedding_size": 128, "num_heads": 4, "head_di
 
 class ReplicaMismatchError(RuntimeError):
     """Processes hold different weights: the run cannot continue."""
+
+
+class TrainingStalledError(RuntimeError):
+    """Every step for max_skipped_steps in a row was skipped: training makes no progress."""
 
 
 class ZooTrainer:
@@ -66,6 +78,7 @@ class ZooTrainer:
         self.zo: ZOOptimizer | None = None
         self.local: LocalGradientStep | None = None
         self.parameter_roles: dict[str, str] = {}  # parameter name -> how it is trained (for the model card)
+        self.skipped_in_a_row = 0
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
@@ -125,9 +138,18 @@ class ZooTrainer:
             with self.accelerator.main_process_first():  # one download; the others find it in the cache
                 path = resolve_hub_checkpoint(choice) or Path(choice)
         if path is None:
-            raise CheckpointError(f"resume_from_checkpoint='latest' but {self.output_dir} holds no checkpoint")
+            damaged = checkpoints(self.output_dir)
+            raise CheckpointError(
+                f"resume_from_checkpoint='latest' but {self.output_dir} holds no checkpoint"
+                + (f" that verifies ({len(damaged)} damaged: {checkpoint_problem(damaged[-1])})" if damaged else "")
+            )
         if not (path / "trainer_state.json").is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+        if choice == "latest":  # latest_checkpoint verified it
+            if path != checkpoints(self.output_dir)[-1]:
+                logger.warning("resuming from %s, the newest checkpoint that verifies", path)
+        elif (problem := checkpoint_problem(path)) is not None:
+            raise CheckpointError(f"cannot resume from {path}: {problem}")
         return path
 
     def load_tokenizer(self):
@@ -236,6 +258,7 @@ class ZooTrainer:
                 comm_bytes=self.counters["comm_bytes"],
                 peak_memory_mb=peak_memory_mb(self.accelerator.device),
             )
+            self.check_progress(metrics)
             self.maybe_grow_curriculum(metrics["train_loss"])
             if args.checksum_steps and step % args.checksum_steps == 0:
                 self.check_replicas()
@@ -295,7 +318,11 @@ class ZooTrainer:
         if self.zo is not None:
             metrics = self.zero_order_update(input_ids, labels, clean_loss, surrogates)
             metrics["perturbed_loss"] = metrics["train_loss"]
-        if self.local is not None:
+        # a NaN gradient would poison AdamW; the (averaged) gradient is the same on every process, so is the decision
+        if self.local is not None and not self.local.gradients_are_finite():
+            self.local.skip()
+            metrics["skipped_step"] = int(self.zo is None or bool(metrics.get("skipped_step")))
+        elif self.local is not None:
             metrics["local_lr"] = self.local.step()
             for _ in range(self.train_args.local_steps - 1):
                 extra_ids, extra_labels = self.next_batch()
@@ -371,6 +398,20 @@ class ZooTrainer:
         if self.world_size > 1:  # every process logs (and stops on) the same number
             total = self.accelerator.reduce(torch.tensor(total, device=self.accelerator.device), "mean").item()
         return {"train_loss": total, "lr": self.train_args.bptt_lr}
+
+    def check_progress(self, metrics: dict) -> None:
+        """Stop a run whose steps have all been skipped (non-finite losses) for max_skipped_steps in a row, before
+        it saves a broken model or prunes a good checkpoint."""
+        skipped = bool(metrics.get("skipped_step")) or not math.isfinite(metrics["train_loss"])
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        limit = self.train_args.max_skipped_steps
+        if limit and self.skipped_in_a_row >= limit:
+            cause = "every probe's loss was NaN or infinite" if metrics.get("skipped_step") else "the loss was NaN"
+            raise TrainingStalledError(
+                f"step {self.counters['step']}: {self.skipped_in_a_row} steps in a row were skipped ({cause}); "
+                f"stopping without saving. The newest checkpoint that verifies is "
+                f"{latest_checkpoint(self.output_dir) or 'none'}; lower the learning rate or check the data"
+            )
 
     def maybe_grow_curriculum(self, train_loss: float) -> None:
         data = self.data_args
