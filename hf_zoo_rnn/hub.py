@@ -64,12 +64,14 @@ class HubPusher:
     def __init__(
         self,
         repo_id: str,
+        snapshot_dir: Path,
         private: bool = False,
         token: str | None = None,
         retries: int = 5,
         retry_seconds: float = 2.0,
     ):
         self.api = HfApi(token=token)
+        self.snapshot_dir = Path(snapshot_dir)
         self.repo_id, self.private = repo_id, private
         self.retries, self.retry_seconds = retries, retry_seconds
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
@@ -80,8 +82,9 @@ class HubPusher:
     def push(
         self, folder: Path, message: str, path_in_repo: str | None = None, ignore_patterns: list[str] | None = None
     ) -> Future:
-        # hard links need the same filesystem: the snapshot sits next to the folder
-        snapshot = Path(tempfile.mkdtemp(prefix=SNAPSHOT_PREFIX, dir=folder.parent))
+        # hard links need the same filesystem, and a push must never write outside the run's own folder (its
+        # parent may be read-only): snapshots sit in snapshot_dir, the output directory, outside any checkpoint
+        snapshot = Path(tempfile.mkdtemp(prefix=SNAPSHOT_PREFIX, dir=self.snapshot_dir))
         skip = shutil.ignore_patterns(".tmp-*", f"{SNAPSHOT_PREFIX}*")
         shutil.copytree(folder, snapshot / "folder", copy_function=os.link, ignore=skip)
         future = self.executor.submit(self._push, snapshot, message, path_in_repo, ignore_patterns)

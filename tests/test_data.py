@@ -59,6 +59,8 @@ def test_packing_separates_documents_and_handles_million_token_blocks(tmp_path, 
 def test_missing_empty_and_non_utf8_data_fail_clearly(tmp_path, kjv_tokenizer):
     with pytest.raises(DataError, match="data file not found"):
         open_text_source(str(tmp_path / "nope.txt"), "train")
+    with pytest.raises(DataError, match=rf"{tmp_path} is a folder, not a data file: name its files"):
+        open_text_source(str(tmp_path), "train")
     for pattern in (str(tmp_path / "*.txt"), str(tmp_path / "nothing-*")):  # absolute globs, with and without suffix
         with pytest.raises(DataError, match="no data file matches"):
             open_text_source(pattern, "train")

@@ -3,6 +3,8 @@
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,3 +208,12 @@ def test_push_script_uploads_an_existing_folder(tmp_path):
     assert "model.safetensors" in files and not any(f.startswith("checkpoint-") for f in files)
     with pytest.raises(subprocess.CalledProcessError):
         run_script("push_to_hub.py", "--folder", str(tmp_path / "nope"), "--repo_id", "tester/x")
+
+
+def test_push_snapshots_stay_inside_the_output_directory(tmp_path, monkeypatch):
+    made, real = [], tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kwargs: made.append(Path(kwargs["dir"])) or real(**kwargs))
+    out = tmp_path / "run"  # its parent may be read-only: a push must not write there
+    train_and_push(out, "tester/snapshots", "--max_steps", "2", "--save_steps", "1", "--hub_strategy", "every_save")
+    assert len(made) == 3 and set(made) == {out}  # two checkpoints and the final model
+    assert [p.name for p in tmp_path.iterdir()] == ["run"] and not list(out.glob(".hub-push-*"))

@@ -174,6 +174,11 @@ def test_bad_inputs_give_one_clear_error_and_keep_what_was_written(tmp_path):
         parse_arguments(["--optimizer", "sgd"])
     with pytest.raises(ValueError, match="task_eval_examples must be at least 1, got 0"):
         parse_arguments(["--task", "copy", "--task_eval_examples", "0"])
+    for name in ("batch_size", "context_length"):
+        with pytest.raises(ConfigFileError, match=f"{name} must be at least 1, got 0"):
+            parse_arguments([f"--{name}", "0"])
+    with pytest.raises(ConfigFileError, match="lr must be positive .* got -1.0"):
+        parse_arguments(["--lr", "-1"])
     with pytest.raises(Exception, match="data file not found"):
         run(fast_args(tmp_path / "a", "--dataset", str(tmp_path / "missing.txt"), "--max_steps", "1"))
 
@@ -186,7 +191,7 @@ def test_bad_inputs_give_one_clear_error_and_keep_what_was_written(tmp_path):
         )
     checkpoint = out / "checkpoint-2"
     (checkpoint / "optimizer.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="corrupt or incomplete"):
+    with pytest.raises(CheckpointError, match=r"checkpoint-2/optimizer.pt does not match the checksum"):
         run(fast_args(out, "--max_steps", "3", "--resume_from_checkpoint", str(checkpoint)))
     assert (checkpoint / "model.safetensors").is_file() and (out / "checkpoint-1").is_dir()
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
@@ -438,3 +443,14 @@ def test_a_run_whose_steps_are_all_skipped_stops_before_saving(tmp_path):
         run(fast_args(out, "--max_steps", "30", "--save_steps", "0", "--eval_steps", "0", "--eps", "1e38",
                       "--max_skipped_steps", "3"))  # fmt: skip
     assert not (out / "model.safetensors").exists()
+
+
+def test_resuming_on_other_data_or_another_tokenizer_is_one_clear_error(tmp_path):
+    out = tmp_path / "run"
+    run(fast_args(out, "--max_steps", "1", "--eval_steps", "0", "--log_with", "none"))
+    resume = ["--max_steps", "2", "--resume_from_checkpoint", "latest", "--log_with", "none"]
+    with pytest.raises(CheckpointError, match=r"tokenizer: checkpoint 'bpe', this run 'char'.*--init_from"):
+        run(fast_args(out, *resume, "--tokenizer", "char"))
+    with pytest.raises(CheckpointError, match=r"dataset: checkpoint 'kjv', this run '.*Apache-2.0'"):
+        run(fast_args(out, *resume, "--dataset", "/usr/share/common-licenses/Apache-2.0"))
+    run(fast_args(out, *resume))  # the same data resumes

@@ -52,6 +52,11 @@ def open_text_source(
         files = sorted(Path(p) for p in glob.glob(name)) if is_pattern else [Path(name)]
         if not files:
             raise DataError(f"no data file matches {name}")
+        folders = [str(f) for f in files if f.is_dir()]
+        if folders:
+            raise DataError(
+                f"{folders[0]} is a folder, not a data file: name its files, e.g. --dataset '{folders[0]}/*.jsonl'"
+            )
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise DataError(f"data file not found: {missing[0]}")

@@ -208,6 +208,10 @@ def check_choices(
         )
     if model_args.dtype not in DTYPES:
         raise ConfigFileError(f"dtype must be one of {DTYPES}, got {model_args.dtype!r}")
-    for name in ("eval_batches", "task_eval_examples"):
+    for name in ("eval_batches", "task_eval_examples", "batch_size", "context_length"):
         if getattr(data_args, name) < 1:
             raise ConfigFileError(f"{name} must be at least 1, got {getattr(data_args, name)}")
+    if zo_config.lr is not None and zo_config.lr <= 0:
+        raise ConfigFileError(
+            f"lr must be positive (a ZO step moves against the estimated gradient), got {zo_config.lr}"
+        )

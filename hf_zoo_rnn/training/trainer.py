@@ -150,7 +150,30 @@ class ZooTrainer:
                 logger.warning("resuming from %s, the newest checkpoint that verifies", path)
         elif (problem := checkpoint_problem(path)) is not None:
             raise CheckpointError(f"cannot resume from {path}: {problem}")
+        self.check_same_data(path)
         return path
+
+    def data_identity(self) -> dict:
+        """What a checkpoint's data position and tokenizer belong to: resuming on anything else cannot continue."""
+        data = self.data_args
+        keys = ("dataset", "task", "text_column", "document_column", "tokenizer", "tokenizer_vocab_size")
+        return {key: getattr(data, key) for key in keys}
+
+    def check_same_data(self, folder: Path) -> None:
+        saved = json.loads((folder / "trainer_state.json").read_text()).get("data")
+        if saved is None:  # written before checkpoints recorded their data
+            return
+        differing = [
+            f"{key}: checkpoint {saved[key]!r}, this run {value!r}"
+            for key, value in self.data_identity().items()
+            if saved.get(key) != value
+        ]
+        if differing:
+            raise CheckpointError(
+                f"{folder} was trained on other data than this run asks for ({'; '.join(differing)}): its data "
+                f"position and tokenizer cannot carry over. Resume with the same data settings, or start a new run "
+                f"from its weights with --init_from {folder}"
+            )
 
     def load_tokenizer(self):
         source = self.resume_dir or self.model_args.init_from
@@ -478,7 +501,12 @@ class ZooTrainer:
                 model.save_pretrained(folder, max_shard_size=self.train_args.max_shard_size)
                 self.tokenizer.save_pretrained(folder)
                 torch.save(optimizer_state, folder / "optimizer.pt")
-                state = {"counters": self.counters, "history": self.history, "world_size": self.world_size}
+                state = {
+                    "counters": self.counters,
+                    "history": self.history,
+                    "world_size": self.world_size,
+                    "data": self.data_identity(),
+                }
                 (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
                 self.write_report(folder, self.latest_eval())
 
@@ -576,7 +604,9 @@ class ZooTrainer:
         if repo_id is None:
             user = HfApi(token=args.hub_token).whoami()["name"]
             repo_id = f"{user}/{self.output_dir.name}"
-        return HubPusher(repo_id, args.hub_private, args.hub_token, args.hub_retries, args.hub_retry_seconds)
+        return HubPusher(
+            repo_id, self.output_dir, args.hub_private, args.hub_token, args.hub_retries, args.hub_retry_seconds
+        )
 
     def push_checkpoint(self, folder: Path, step: int) -> None:
         strategy = self.train_args.hub_strategy
