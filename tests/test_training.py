@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_zoo_rnn.config_files import ConfigFileError
-from hf_zoo_rnn.training import CheckpointError, TrainingStalledError, ZooTrainer, parse_arguments
+from hf_zoo_rnn.training import CheckpointError, TrainingStalledError, ZooTrainer, local_gradients, parse_arguments
 from hf_zoo_rnn.training.checkpoints import checkpoints, latest_checkpoint, prune_checkpoints
 
 
@@ -454,3 +454,20 @@ def test_resuming_on_other_data_or_another_tokenizer_is_one_clear_error(tmp_path
     with pytest.raises(CheckpointError, match=r"dataset: checkpoint 'kjv', this run '.*Apache-2.0'"):
         run(fast_args(out, *resume, "--dataset", "/usr/share/common-licenses/Apache-2.0"))
     run(fast_args(out, *resume))  # the same data resumes
+
+
+def test_a_non_finite_local_gradient_is_skipped_and_stops_the_run_when_it_persists(tmp_path, monkeypatch):
+    def poisoned(model, input_ids, labels, scope):  # what a diverged model or a bad batch would give
+        for param in model.parameters():
+            if param.requires_grad:
+                param.grad = torch.full_like(param, float("nan"))
+        return float("nan")
+
+    monkeypatch.setattr(local_gradients, "accumulate_local_gradients", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(
+        TrainingStalledError, match=r"step 2: 2 steps in a row were skipped \(the loss was NaN or infinite\)"
+    ):
+        run(fast_args(out, "--local_gradient", "one_step", "--num_probes", "0", "--local_steps", "2",
+                      "--max_skipped_steps", "2", "--max_steps", "5", "--save_steps", "0", "--eval_steps", "0"))  # fmt: skip
+    assert not (out / "model.safetensors").exists()

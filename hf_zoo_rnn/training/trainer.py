@@ -341,26 +341,33 @@ class ZooTrainer:
         if self.zo is not None:
             metrics = self.zero_order_update(input_ids, labels, clean_loss, surrogates)
             metrics["perturbed_loss"] = metrics["train_loss"]
-        # a NaN gradient would poison AdamW; the (averaged) gradient is the same on every process, so is the decision
-        if self.local is not None and not self.local.gradients_are_finite():
+        if self.local is not None:
+            self.local_update(clean_loss, metrics)
+        return metrics
+
+    def local_update(self, clean_loss: float, metrics: dict) -> None:
+        """The AdamW half: this step's local gradient, then local_steps - 1 more on fresh batches. A non-finite
+        gradient is dropped, not stepped (it would poison AdamW); the averaged gradient is the same on every
+        process, and so is the decision."""
+        if self.local.gradients_are_finite():
+            metrics["local_lr"] = self.local.step()
+        else:
             self.local.skip()
             metrics["skipped_step"] = int(self.zo is None or bool(metrics.get("skipped_step")))
-        elif self.local is not None:
-            metrics["local_lr"] = self.local.step()
-            for _ in range(self.train_args.local_steps - 1):
-                extra_ids, extra_labels = self.next_batch()
-                _, sent = self.local.gradients(extra_ids, extra_labels)
+        for _ in range(self.train_args.local_steps - 1):
+            extra_ids, extra_labels = self.next_batch()
+            _, sent = self.local.gradients(extra_ids, extra_labels)
+            if self.local.gradients_are_finite():
                 self.local.step()
-                self.counters["forward_passes"] += 1
-                self.counters["comm_bytes"] += sent
-                self.counters["tokens"] += extra_ids.numel() * (
-                    self.world_size if self.data_args.per_rank_batches else 1
-                )
-            if self.world_size > 1 and self.data_args.per_rank_batches:  # log the mean over processes, as BPTT does
-                clean_loss = self.accelerator.reduce(torch.tensor(clean_loss, device=self.accelerator.device), "mean")
-                clean_loss = clean_loss.item()
-            metrics["train_loss"] = clean_loss  # the clean loss of this step's batch, before its updates
-        return metrics
+            else:
+                self.local.skip()
+            self.counters["forward_passes"] += 1
+            self.counters["comm_bytes"] += sent
+            self.counters["tokens"] += extra_ids.numel() * (self.world_size if self.data_args.per_rank_batches else 1)
+        if self.world_size > 1 and self.data_args.per_rank_batches:  # log the mean over processes, as BPTT does
+            clean_loss = self.accelerator.reduce(torch.tensor(clean_loss, device=self.accelerator.device), "mean")
+            clean_loss = clean_loss.item()
+        metrics["train_loss"] = clean_loss  # the clean loss of this step's batch, before its updates
 
     def zero_order_update(self, input_ids, labels, clean_loss, surrogates) -> dict:
         model = self.model
@@ -429,7 +436,10 @@ class ZooTrainer:
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
         limit = self.train_args.max_skipped_steps
         if limit and self.skipped_in_a_row >= limit:
-            cause = "every probe's loss was NaN or infinite" if metrics.get("skipped_step") else "the loss was NaN"
+            if metrics.get("skipped_step") and self.zo is not None:
+                cause = "every probe's loss was NaN or infinite"
+            else:
+                cause = "the loss was NaN or infinite"
             raise TrainingStalledError(
                 f"step {self.counters['step']}: {self.skipped_in_a_row} steps in a row were skipped ({cause}); "
                 f"stopping without saving. The newest checkpoint that verifies is "
