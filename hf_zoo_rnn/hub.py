@@ -133,3 +133,37 @@ def resolve_hub_checkpoint(reference: str) -> Path | None:
     if not folder.is_dir():
         raise FileNotFoundError(f"{reference}: no {match['path']} in {match['repo']}")
     return folder
+
+
+class ModelReferenceError(ValueError):
+    """A --model argument that names no loadable model."""
+
+
+def is_local_reference(reference: str) -> bool:
+    """A path, not a Hub repo id (owner/name): it exists, or it could not be a repo id, or its folder exists here
+    (so a typo in outputs/defualt is reported as a missing folder, not tried against the Hub for a minute)."""
+    path = Path(reference).expanduser()
+    return path.exists() or reference.startswith(("/", ".", "~")) or reference.count("/") != 1 or path.parent.is_dir()
+
+
+def load_trained(reference: str):
+    """(model in eval mode, tokenizer) from a trained folder or a Hub repo id; a local folder that is missing or
+    holds no model is one error naming it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if is_local_reference(reference):
+        path = Path(reference).expanduser()
+        if not path.is_dir():
+            raise ModelReferenceError(f"{reference}: no such folder (a Hub model is named owner/name)")
+        if not (path / "config.json").is_file():
+            raise ModelReferenceError(
+                f"{path} holds no trained model (no config.json): pass a finished run's output_dir or one of its "
+                "checkpoint-N folders"
+            )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+            return model, AutoTokenizer.from_pretrained(path)
+        except Exception as error:  # safetensors, tokenizers and transformers each raise their own kinds
+            raise ModelReferenceError(f"cannot load the model in {path}: {error}") from error
+    model = AutoModelForCausalLM.from_pretrained(reference, trust_remote_code=True).eval()
+    return model, AutoTokenizer.from_pretrained(reference)

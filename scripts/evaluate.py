@@ -8,10 +8,11 @@ Prints one JSON line of metrics.
 import json
 from dataclasses import dataclass, field
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import HfArgumentParser
 
 import hf_zoo_rnn  # noqa: F401  (registers the Auto classes)
-from hf_zoo_rnn.data import PackedStream, open_text_source
+from hf_zoo_rnn.data import DataError, PackedStream, open_text_source
+from hf_zoo_rnn.hub import ModelReferenceError, load_trained
 from hf_zoo_rnn.training.evaluation import language_model_metrics, task_metrics
 
 
@@ -31,8 +32,15 @@ class EvaluateArguments:
 
 def main() -> None:
     (args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
+    try:
+        model, tokenizer = load_trained(args.model)
+        metrics = evaluate(model, tokenizer, args)
+    except (ModelReferenceError, DataError) as error:
+        raise SystemExit(f"evaluate.py: {error}") from None
+    print(json.dumps({"model": args.model, **metrics}))
+
+
+def evaluate(model, tokenizer, args: EvaluateArguments) -> dict:
     if args.task:
         metrics = task_metrics(model, tokenizer, args.task, args.task_max_length, seed=12345, examples=args.examples)
     else:
@@ -43,7 +51,12 @@ def main() -> None:
             args.batch_size,
         )
         metrics = language_model_metrics(model, stream, args.batches)
-    print(json.dumps({"model": args.model, **metrics}))
+        if not metrics:
+            raise DataError(
+                f"{args.dataset} ({args.split}) yields no full batch of {args.batch_size} x {args.context_length} "
+                "tokens: lower --batch_size or --context_length"
+            )
+    return metrics
 
 
 if __name__ == "__main__":

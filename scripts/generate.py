@@ -7,9 +7,10 @@ python scripts/generate.py --model outputs/default --prompt "In the beginning" [
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import HfArgumentParser
 
 import hf_zoo_rnn  # noqa: F401  (registers the Auto classes, so local folders need no remote code)
+from hf_zoo_rnn.hub import ModelReferenceError, load_trained
 
 
 @dataclass
@@ -27,8 +28,10 @@ class GenerateArguments:
 def main() -> None:
     (args,) = HfArgumentParser(GenerateArguments).parse_args_into_dataclasses()
     torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
+    try:
+        model, tokenizer = load_trained(args.model)
+    except ModelReferenceError as error:
+        raise SystemExit(f"generate.py: {error}") from None
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     output = model.generate(
         ids,

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_zoo_rnn.config_files import ConfigFileError
+from hf_zoo_rnn.hub import is_local_reference
 from hf_zoo_rnn.training import CheckpointError, TrainingStalledError, ZooTrainer, local_gradients, parse_arguments
 from hf_zoo_rnn.training.checkpoints import checkpoints, latest_checkpoint, prune_checkpoints
 
@@ -471,3 +472,29 @@ def test_a_non_finite_local_gradient_is_skipped_and_stops_the_run_when_it_persis
         run(fast_args(out, "--local_gradient", "one_step", "--num_probes", "0", "--local_steps", "2",
                       "--max_skipped_steps", "2", "--max_steps", "5", "--save_steps", "0", "--eval_steps", "0"))  # fmt: skip
     assert not (out / "model.safetensors").exists()
+
+
+def test_generate_and_evaluate_name_what_is_wrong_in_one_line(tmp_path, monkeypatch):
+    missing, empty = tmp_path / "missing", tmp_path / "empty"
+    empty.mkdir()
+    for script, model, message in (
+        ("generate.py", missing, f"generate.py: {missing}: no such folder"),
+        ("evaluate.py", empty, f"evaluate.py: {empty} holds no trained model (no config.json)"),
+    ):
+        with pytest.raises(subprocess.CalledProcessError) as caught:
+            run_script(script, "--model", str(model))
+        assert message in caught.value.stderr and "Traceback" not in caught.value.stderr
+    out = tmp_path / "run"
+    run(fast_args(out, "--max_steps", "1", "--eval_steps", "0", "--save_steps", "0", "--log_with", "none"))
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("In the beginning.")
+    with pytest.raises(subprocess.CalledProcessError) as caught:
+        run_script("evaluate.py", "--model", str(out), "--dataset", str(tiny), "--split", "train")
+    assert "yields no full batch of 8 x 128 tokens" in caught.value.stderr
+    (out / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(subprocess.CalledProcessError) as caught:
+        run_script("generate.py", "--model", str(out))
+    assert f"cannot load the model in {out}" in caught.value.stderr and "Traceback" not in caught.value.stderr
+    monkeypatch.chdir(tmp_path)  # a typo under an existing folder is a missing folder, not a Hub repo id
+    (tmp_path / "outputs").mkdir()
+    assert is_local_reference("outputs/defualt") and not is_local_reference("someone/model")
