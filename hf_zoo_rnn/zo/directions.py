@@ -40,6 +40,7 @@ class GuidedDirections(IsotropicDirections):
             raise ValueError(f"guide_alpha must be in (0, 1], got {alpha}")
         super().__init__(params, seed, distribution)
         self.alpha = alpha
+        self.total = sum(p.numel() for p in params)  # n
         self.basis: list[torch.Tensor] = []  # per tensor: [k, numel] rows of U
         # zeta's stream uses the tensor index one past the last parameter, so it never collides with a tensor's z
         self.zeta_index = len(params)
@@ -49,13 +50,14 @@ class GuidedDirections(IsotropicDirections):
         """Orthonormalise the surrogate directions (each one tensor per parameter) into U; directions that add
         nothing new (zero, or in the span of earlier ones) are dropped. With none left, z is isotropic."""
         rows = [torch.cat([t.reshape(-1).to(torch.float64) for t in direction]) for direction in surrogates]
+        tolerance = 1e-12 * max([1.0] + [row.norm().item() for row in rows])
         kept: list[torch.Tensor] = []
         for row in rows:  # Gram-Schmidt twice: deterministic, and orthogonal to fp64 precision
             for _ in range(2):
                 for other in kept:
                     row = row - (row @ other) * other
             norm = row.norm()
-            if norm > 1e-12 * max(1.0, max(r.norm().item() for r in rows)):
+            if norm > tolerance:
                 kept.append(row / norm)
         sizes = [p.numel() for p in self.params]
         if not kept:
@@ -69,7 +71,6 @@ class GuidedDirections(IsotropicDirections):
         if not self.basis:
             return isotropic
         k = self.basis[0].shape[0]
-        total = sum(p.numel() for p in self.params)
         zeta = noise(stream_seed(self.seed, self.step, probe, self.zeta_index), 0, k, "gaussian", isotropic.device)
         guided = zeta @ self.basis[index][:, start : start + length]
-        return isotropic.mul_(math.sqrt(self.alpha)).add_(guided, alpha=math.sqrt((1 - self.alpha) * total / k))
+        return isotropic.mul_(math.sqrt(self.alpha)).add_(guided, alpha=math.sqrt((1 - self.alpha) * self.total / k))

@@ -197,10 +197,11 @@ class ZOOptimizer:
         self.config = config
         named = zo_parameters(model)
         if names is not None:
-            unknown = set(names) - {name for name, _ in named}
+            wanted = set(names)
+            unknown = wanted - {name for name, _ in named}
             if unknown:
                 raise ValueError(f"ZO parameters {sorted(unknown)} are not parameters of the model")
-            named = [(name, param) for name, param in named if name in set(names)]
+            named = [(name, param) for name, param in named if name in wanted]
         if not named or config.num_probes < 1:
             raise ValueError("ZOOptimizer needs at least one parameter and one probe")
         self.names = [name for name, _ in named]
@@ -269,9 +270,10 @@ class ZOOptimizer:
             update_norm = self.apply_update(coefficients, kept, lr, rank, per_rank, partial)
         finished = time.perf_counter()
         forward_passes = config.num_probes * (2 if config.difference == "central" else 1) + base_forwards * world_size
-        stats = self.statistics(first, second, kept, eps, lr, update_norm, forward_passes)
-        stats.seconds_forward, stats.seconds_update = forward_seconds, finished - update_started
-        stats.seconds_total = finished - started
+        stats = self.statistics(
+            first, second, kept, eps, lr, update_norm, forward_passes,
+            seconds_forward=forward_seconds, seconds_update=finished - update_started, seconds_total=finished - started,
+        )  # fmt: skip
         self.step_count += 1
         return stats
 
@@ -345,7 +347,8 @@ class ZOOptimizer:
                         self.accumulate(partial, z, local[row], eps)
         return local, partial, forward_seconds, base_forwards
 
-    def statistics(self, first, second, kept, eps, lr, update_norm, forward_passes) -> ZOStepStats:
+    def statistics(self, first, second, kept, eps, lr, update_norm, forward_passes, **seconds) -> ZOStepStats:
+        """What the step did, from the gathered losses; `seconds` are the step's three timings."""
         config = self.config
         g = projected_gradient_values(first, second, eps, config.difference, kept)
         return ZOStepStats(
@@ -360,9 +363,7 @@ class ZOOptimizer:
             forward_passes=forward_passes,
             dropped_probes=config.num_probes - kept,
             skipped=kept == 0,
-            seconds_forward=0.0,
-            seconds_update=0.0,
-            seconds_total=0.0,
+            **seconds,
         )
 
     def accumulate(self, partial: list[torch.Tensor], z: list[torch.Tensor], losses: torch.Tensor, eps: float) -> None:
