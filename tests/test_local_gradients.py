@@ -114,11 +114,12 @@ def test_a_non_finite_local_gradient_is_dropped_not_stepped():
                            local_lr_schedule="constant", local_warmup_steps=0, local_steps=1)  # fmt: skip
     step = LocalGradientStep(model, "readout", names, [], args, total_steps=10)
     ids, labels = batch()
-    step.gradients(ids, labels)
-    assert step.gradients_are_finite()
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    step.gradients(ids, labels)
     model.lm_head.weight.grad[0, 0] = float("nan")
-    assert not step.gradients_are_finite()
-    step.skip()
+    assert step.step() is None  # dropped, not stepped
     assert all(torch.equal(param, before[name]) for name, param in model.named_parameters())
     assert all(param.grad is None for param in model.parameters())
+    step.gradients(ids, labels)
+    assert step.step() == 0.1  # a finite gradient steps, at the scheduled lr
+    assert not torch.equal(model.lm_head.weight, before["lm_head.weight"])

@@ -12,10 +12,11 @@ from transformers import HfArgumentParser
 
 from ..config_files import ConfigFileError, check_known_keys, read_yaml
 from ..zo import ZOConfig
+from ..zo.optimizer import LR_SCHEDULES
+from .local_gradients import SCOPES
 
 OPTIMIZERS = ("zo", "bptt_sgd", "bptt_adamw")
-LOCAL_GRADIENTS = ("none", "readout", "one_step")
-LOCAL_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+LOCAL_GRADIENTS = ("none", *SCOPES)
 HUB_STRATEGIES = ("end", "every_save", "all_checkpoints")
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -190,10 +191,8 @@ def check_choices(
         raise ConfigFileError(f"hub_strategy must be one of {HUB_STRATEGIES}, got {train_args.hub_strategy!r}")
     if train_args.local_gradient not in LOCAL_GRADIENTS:
         raise ConfigFileError(f"local_gradient must be one of {LOCAL_GRADIENTS}, got {train_args.local_gradient!r}")
-    if train_args.local_lr_schedule not in LOCAL_SCHEDULES:
-        raise ConfigFileError(
-            f"local_lr_schedule must be one of {LOCAL_SCHEDULES}, got {train_args.local_lr_schedule!r}"
-        )
+    if train_args.local_lr_schedule not in LR_SCHEDULES:
+        raise ConfigFileError(f"local_lr_schedule must be one of {LR_SCHEDULES}, got {train_args.local_lr_schedule!r}")
     if train_args.max_train_seconds is not None and train_args.max_train_seconds <= 0:
         raise ConfigFileError(f"max_train_seconds must be positive, got {train_args.max_train_seconds}")
     if train_args.local_steps < 1 or train_args.local_lr <= 0:

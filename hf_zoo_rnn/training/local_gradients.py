@@ -180,8 +180,7 @@ class LocalGradientStep:
     def gradients(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
         """Fill .grad with this batch's local gradient (process mean); returns the clean loss of this process's
         batch and the bytes this process sent to average the gradient."""
-        for param in self.trained + self.surrogate:
-            param.grad = None
+        self.drop_gradients()
         loss = accumulate_local_gradients(self.model, input_ids, labels, self.scope)
         if self.reduce is None:
             return loss, 0
@@ -195,22 +194,22 @@ class LocalGradientStep:
         """The guide direction for the ZO parameters: their local gradient (one surrogate), or none."""
         return [[param.grad.detach().clone() for param in self.surrogate]] if self.surrogate else []
 
-    def step(self) -> float:
-        """One AdamW step on the trained parameters; returns the learning rate it used."""
-        lr = 0.0
-        if self.optimizer is not None:
-            lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
-        for param in self.trained + self.surrogate:
-            param.grad = None
+    def step(self) -> float | None:
+        """One AdamW step on the trained parameters; returns the learning rate it used. A non-finite gradient is
+        dropped instead (it would poison AdamW's moments) and None returned; after averaging the gradient is the
+        same on every process, and so is that decision."""
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in self.trained + self.surrogate if p.grad is not None)
+        lr = None
+        if finite:
+            lr = 0.0
+            if self.optimizer is not None:
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+        self.drop_gradients()
         return lr
 
-    def gradients_are_finite(self) -> bool:
-        return all(bool(torch.isfinite(p.grad).all()) for p in self.trained + self.surrogate if p.grad is not None)
-
-    def skip(self) -> None:
-        """Drop this step's gradient without stepping (its loss was not finite)."""
+    def drop_gradients(self) -> None:
         for param in self.trained + self.surrogate:
             param.grad = None
 

@@ -62,8 +62,9 @@ def parameter_roles(model, roles: dict[str, str]) -> dict[str, tuple[list[str], 
         return {}
     grouped: dict[str, tuple[list[str], int]] = {}
     for name, param in model.named_parameters():
-        names, count = grouped.get(roles.get(name, "frozen (initial values)"), ([], 0))
-        grouped[roles.get(name, "frozen (initial values)")] = (names + [name], count + param.numel())
+        role = roles.get(name, "frozen (initial values)")
+        names, count = grouped.get(role, ([], 0))
+        grouped[role] = (names + [name], count + param.numel())
     return grouped
 
 

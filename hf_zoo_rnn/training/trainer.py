@@ -295,7 +295,7 @@ class ZooTrainer:
                 self.save_checkpoint()
             progress.update(1)
             rates = {"tok_s": f"{input_ids.numel() / metrics['step_seconds']:.0f}"}
-            if self.is_zo and self.zo is not None:
+            if self.zo is not None:
                 rates["probes_s"] = f"{self.zo_config.num_probes / metrics['step_seconds']:.1f}"
             progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", **rates)
             if reached:
@@ -346,21 +346,17 @@ class ZooTrainer:
         return metrics
 
     def local_update(self, clean_loss: float, metrics: dict) -> None:
-        """The AdamW half: this step's local gradient, then local_steps - 1 more on fresh batches. A non-finite
-        gradient is dropped, not stepped (it would poison AdamW); the averaged gradient is the same on every
-        process, and so is the decision."""
-        if self.local.gradients_are_finite():
-            metrics["local_lr"] = self.local.step()
-        else:
-            self.local.skip()
+        """The AdamW half: this step's local gradient, then local_steps - 1 more on fresh batches (a non-finite
+        gradient is dropped by LocalGradientStep.step, and then the step counts as skipped)."""
+        local_lr = self.local.step()
+        if local_lr is None:
             metrics["skipped_step"] = int(self.zo is None or bool(metrics.get("skipped_step")))
+        else:
+            metrics["local_lr"] = local_lr
         for _ in range(self.train_args.local_steps - 1):
             extra_ids, extra_labels = self.next_batch()
             _, sent = self.local.gradients(extra_ids, extra_labels)
-            if self.local.gradients_are_finite():
-                self.local.step()
-            else:
-                self.local.skip()
+            self.local.step()
             self.counters["forward_passes"] += 1
             self.counters["comm_bytes"] += sent
             self.counters["tokens"] += extra_ids.numel() * (self.world_size if self.data_args.per_rank_batches else 1)
