@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_zoo_rnn.config_files import ConfigFileError
 from hf_zoo_rnn.hub import is_local_reference
 from hf_zoo_rnn.training import CheckpointError, TrainingStalledError, ZooTrainer, local_gradients, parse_arguments
+from hf_zoo_rnn.training import checkpoints as checkpoints_module
 from hf_zoo_rnn.training.checkpoints import checkpoints, latest_checkpoint, prune_checkpoints
 
 
@@ -429,13 +430,22 @@ def test_a_damaged_checkpoint_is_refused_and_latest_falls_back_to_the_newest_goo
         run(fast_args(every, *args, "--resume_from_checkpoint", "latest"))
 
 
-def test_pruning_never_removes_the_newest_checkpoint_that_verifies(tmp_path):
+def test_pruning_never_removes_the_newest_checkpoint_that_verifies(tmp_path, monkeypatch):
     out = tmp_path / "run"
     run(fast_args(out, "--max_steps", "3", "--save_steps", "1", "--eval_steps", "0", "--save_total_limit", "5"))
+    fresh = tmp_path / "fresh"
+    shutil.copytree(out, fresh)
     damage(out / "checkpoint-3" / "model.safetensors")
     prune_checkpoints(out, keep=1)
     assert [p.name for p in checkpoints(out)] == ["checkpoint-2", "checkpoint-3"]  # the newest, and the newest good
     assert latest_checkpoint(out) == out / "checkpoint-2"
+
+    def no_hashing(path):
+        raise AssertionError(f"{path} was hashed again")
+
+    monkeypatch.setattr(checkpoints_module, "file_sha256", no_hashing)  # a save's own checkpoint is not re-read
+    prune_checkpoints(fresh, keep=1, known_good=fresh / "checkpoint-3")
+    assert [p.name for p in checkpoints(fresh)] == ["checkpoint-3"]
 
 
 def test_a_run_whose_steps_are_all_skipped_stops_before_saving(tmp_path):

@@ -70,13 +70,16 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies; newer ones that do not are named in a warning and skipped."""
+def latest_checkpoint(output_dir: Path, known_good: Path | None = None) -> Path | None:
+    """The newest checkpoint that verifies; newer ones that do not are named in a warning and skipped.
+    `known_good` is one the caller has just written (its manifest was computed from it): it is not hashed again."""
     for folder in reversed(checkpoints(output_dir)):
+        if folder == known_good:
+            return folder
         problem = checkpoint_problem(folder)
         if problem is None:
             return folder
-        logger.warning("skipping %s for resume: %s", folder.name, problem)
+        logger.warning("%s does not verify: %s", folder.name, problem)
     return None
 
 
@@ -96,10 +99,12 @@ def write_atomically(target: Path, write: Callable[[Path], None], accelerator) -
     accelerator.wait_for_everyone()
 
 
-def prune_checkpoints(output_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` checkpoints, and always the newest one that verifies."""
-    found = checkpoints(output_dir)
-    keep_also = latest_checkpoint(output_dir)
-    for old in found[:-keep] if keep > 0 else []:
-        if old != keep_also:
-            shutil.rmtree(old)
+def prune_checkpoints(output_dir: Path, keep: int, known_good: Path | None = None) -> None:
+    """Keep the newest `keep` checkpoints, and always the newest one that verifies (see latest_checkpoint)."""
+    old = checkpoints(output_dir)[:-keep] if keep > 0 else []
+    if not old:
+        return
+    keep_also = latest_checkpoint(output_dir, known_good)
+    for folder in old:
+        if folder != keep_also:
+            shutil.rmtree(folder)

@@ -518,7 +518,7 @@ class ZooTrainer:
 
         write_atomically(target, write, self.accelerator)
         if self.accelerator.is_main_process:
-            prune_checkpoints(self.output_dir, self.train_args.save_total_limit)
+            prune_checkpoints(self.output_dir, self.train_args.save_total_limit, known_good=target)
             if self.pusher is not None:
                 self.push_checkpoint(target, step)
         self.accelerator.wait_for_everyone()
