@@ -40,6 +40,9 @@ FLASHRNN_DTYPES = {
     torch.float16: "float16",
 }
 IGNORE_INDEX = -100
+EMPTY_INPUT = (
+    "ZooRnn needs at least one input token, got none (an empty prompt? start it with the tokenizer's bos_token)"
+)
 
 
 # Recurrence. Three ways to run the same cell on the same parameters:
@@ -391,6 +394,8 @@ class ZooRnnModel(ZooRnnPreTrainedModel):
             raise ValueError("ZooRnnModel.forward needs exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
+        if inputs_embeds.shape[1] == 0:
+            raise ValueError(EMPTY_INPUT)
         if state is None:
             state = self.initial_state(inputs_embeds.shape[0])
         state = list(state)
@@ -452,6 +457,8 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
         # `split`'s tuple of views, which costs ~20 MB per million tokens).
         source = input_ids if inputs_embeds is None else inputs_embeds
         steps = source.shape[1]
+        if steps == 0:
+            raise ValueError(EMPTY_INPUT)
         weight_dtype = self.model.embeddings.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
         loss_dtype = torch.promote_types(weight_dtype, torch.float32)  # never score in half precision
         loss_sum = torch.zeros((), dtype=loss_dtype, device=source.device)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 import hf_zoo_rnn  # noqa: F401  (registers the Auto classes)
-from hf_zoo_rnn.data import DataError, PackedStream, open_text_source
+from hf_zoo_rnn.data import VALIDATION_FRACTION, DataError, PackedStream, open_text_source
 from hf_zoo_rnn.hub import ModelReferenceError, load_trained
 from hf_zoo_rnn.training.evaluation import language_model_metrics, task_metrics
 
@@ -22,6 +22,10 @@ class EvaluateArguments:
     dataset: str = field(default="kjv", metadata={"help": "kjv, a local file, or a Hub dataset"})
     split: str = field(default="validation", metadata={"help": "train or validation"})
     text_column: str = field(default="text", metadata={"help": "column holding the text"})
+    validation_fraction: float = field(
+        default=VALIDATION_FRACTION,
+        metadata={"help": "share of a local dataset's documents held out as its validation split (as in training)"},
+    )
     context_length: int = field(default=128, metadata={"help": "tokens per block"})
     batch_size: int = field(default=8, metadata={"help": "blocks per batch"})
     batches: int = field(default=8, metadata={"help": "batches to average"})
@@ -45,7 +49,7 @@ def evaluate(model, tokenizer, args: EvaluateArguments) -> dict:
         metrics = task_metrics(model, tokenizer, args.task, args.task_max_length, seed=12345, examples=args.examples)
     else:
         stream = PackedStream(
-            open_text_source(args.dataset, args.split, args.text_column),
+            open_text_source(args.dataset, args.split, args.text_column, None, args.validation_fraction),
             tokenizer,
             args.context_length,
             args.batch_size,

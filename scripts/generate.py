@@ -10,13 +10,14 @@ import torch
 from transformers import HfArgumentParser
 
 import hf_zoo_rnn  # noqa: F401  (registers the Auto classes, so local folders need no remote code)
+from hf_zoo_rnn.data import unknown_spans
 from hf_zoo_rnn.hub import ModelReferenceError, load_trained
 
 
 @dataclass
 class GenerateArguments:
     model: str = field(metadata={"help": "trained folder or Hub repo id"})
-    prompt: str = field(default="In the beginning", metadata={"help": "text to continue"})
+    prompt: str = field(default="In the beginning", metadata={"help": "text to continue (empty: a new document)"})
     max_new_tokens: int = field(default=80, metadata={"help": "tokens to generate"})
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy/beam search"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
@@ -32,7 +33,14 @@ def main() -> None:
         model, tokenizer = load_trained(args.model)
     except ModelReferenceError as error:
         raise SystemExit(f"generate.py: {error}") from None
+    unknown = unknown_spans(tokenizer, args.prompt)
+    if unknown:
+        listed = ", ".join(repr(piece) for piece in dict.fromkeys(unknown))
+        raise SystemExit(f"generate.py: the prompt has text outside {args.model}'s vocabulary: {listed}")
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:  # an empty prompt: generate a document from its start
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = torch.tensor([[start]])
     output = model.generate(
         ids,
         max_new_tokens=args.max_new_tokens,

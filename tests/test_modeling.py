@@ -158,6 +158,14 @@ def test_padded_attention_mask_is_rejected():
         model(ids, attention_mask=mask)
 
 
+def test_an_empty_input_is_one_clear_error():
+    model = ZooRnnForCausalLM(small_config()).eval()
+    empty = torch.empty(1, 0, dtype=torch.long)
+    for call in (lambda: model(empty), lambda: model.model(empty), lambda: model.generate(empty, max_new_tokens=2)):
+        with pytest.raises(ValueError, match="needs at least one input token, got none"):
+            call()
+
+
 def test_save_and_from_pretrained_give_identical_logits(tmp_path):
     model = ZooRnnForCausalLM(small_config(cell="gru", layer_norm=True)).eval()
     ids = torch.randint(0, 64, (2, 9))

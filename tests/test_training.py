@@ -56,6 +56,9 @@ def test_default_run_leaves_a_loadable_model_card_logs_and_curve(tmp_path):
     assert records[-2]["forward_passes"] == 4 * 2 * 4 and records[-2]["tokens"] == 4 * 64
     card = (out / "README.md").read_text()
     assert "zeroth-order" in card and "probes per step | 4" in card
+    assert "trained on kjv: all but the books of Jude and Revelation" in card
+    assert "Final evaluation on kjv: the books of Jude and Revelation: eval_loss" in card
+    assert re.search(r"\| training time \| [\d.]+ s \([\d.]+ s in training steps\) \|", card)
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("In the beginning", return_tensors="pt").input_ids
@@ -172,6 +175,14 @@ def test_bad_inputs_give_one_clear_error_and_keep_what_was_written(tmp_path):
     config.write_text("max_steps: 3\nlearning_rat: 0.1\n")
     with pytest.raises(ConfigFileError, match=r"train\.yaml: unknown key\(s\) \['learning_rat'\]"):
         parse_arguments(["--config", str(config)])
+    for line, message in (("max_steps: ten", "max_steps must be a whole number, got 'ten'"),
+                          ("fixed_batch: 3", "fixed_batch must be true or false, got 3"),
+                          ("lr: [0.1]", r"lr must be a number or null, got \[0.1\]")):  # fmt: skip
+        config.write_text(line + "\n")
+        with pytest.raises(ConfigFileError, match=rf"train\.yaml: {message}"):
+            parse_arguments(["--config", str(config)])
+    config.write_text("lr: 1e-3\nmax_steps: '7'\n")  # YAML reads 1e-3 as text; the command line would convert it
+    assert parse_arguments(["--config", str(config)])[3].lr == 0.001
     with pytest.raises(ValueError, match="optimizer must be one of"):
         parse_arguments(["--optimizer", "sgd"])
     with pytest.raises(ValueError, match="task_eval_examples must be at least 1, got 0"):
@@ -508,3 +519,54 @@ def test_generate_and_evaluate_name_what_is_wrong_in_one_line(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)  # a typo under an existing folder is a missing folder, not a Hub repo id
     (tmp_path / "outputs").mkdir()
     assert is_local_reference("outputs/defualt") and not is_local_reference("someone/model")
+
+
+def test_local_data_validates_on_held_out_documents_or_the_named_validation_data(tmp_path, caplog):
+    data = tmp_path / "stories.jsonl"
+    data.write_text("".join(json.dumps({"text": f"story {i}: " + "once upon a time " * 4}) + "\n" for i in range(400)))
+    base = [
+        "--dataset",
+        str(data),
+        "--tokenizer",
+        "char",
+        "--max_steps",
+        "1",
+        "--save_steps",
+        "0",
+        "--log_with",
+        "none",
+    ]
+    with caplog.at_level("WARNING"):
+        final = run(fast_args(tmp_path / "held_out", *base))
+    held_out = f"{data}: the 5% of its documents held out by a hash of their text"
+    assert f"validating on {held_out}" in caplog.text and "eval_loss" in final
+    assert f"Final evaluation on {held_out}: eval_loss" in (tmp_path / "held_out" / "README.md").read_text()
+    model = str(tmp_path / "held_out")  # a character model: text outside its alphabet is named, never padding
+    with pytest.raises(subprocess.CalledProcessError) as caught:
+        run_script("generate.py", "--model", model, "--prompt", "café 中")
+    assert f"generate.py: the prompt has text outside {model}'s vocabulary: 'é', '中'" in caught.value.stderr
+    assert len(run_script("generate.py", "--model", model, "--prompt", "", "--max_new_tokens", "5").stdout) > 0
+    other = tmp_path / "other.txt"
+    other.write_text("a different text entirely. " * 200)
+    run(fast_args(tmp_path / "named", *base, "--validation_dataset", str(other)))
+    card = (tmp_path / "named" / "README.md").read_text()
+    assert (
+        f"trained on {data}: all of it" in card
+        and f"Final evaluation on {other}: all of it (--validation_dataset)" in card
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        final = run(fast_args(tmp_path / "tiny", *base, "--validation_fraction", "0.001", "--context_length", "128"))
+    assert "eval_loss" not in final and "no validation loss" in caplog.text and "--validation_dataset" in caplog.text
+    assert "Final evaluation on" in (tmp_path / "tiny" / "README.md").read_text()
+
+
+def test_train_module_ends_a_user_mistake_with_one_line(tmp_path):
+    error_file = tmp_path / "error.json"  # what torch elastic (accelerate launch) gives each process
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_zoo_rnn.train", *fast_args(tmp_path / "out", "--dataset", str(tmp_path / "no.txt"))],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "TORCHELASTIC_ERROR_FILE": str(error_file)},
+    )  # fmt: skip
+    message = f"train: error: data file not found: {tmp_path / 'no.txt'}"
+    assert result.returncode == 1 and result.stderr.strip().endswith(message) and "Traceback" not in result.stderr
+    assert json.loads(error_file.read_text())["message"] == message

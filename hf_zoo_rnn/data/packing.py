@@ -2,21 +2,29 @@
 
 Documents are separated by the end-of-text token. The stream's state is the upstream dataset's own
 `state_dict()` (rows consumed) plus the tokens already read but not yet emitted, so a resumed stream yields
-exactly the blocks the uninterrupted one would have.
+exactly the blocks the uninterrupted one would have. Rows are tokenised in bounded pieces, so the buffer (and
+with it the state saved in every checkpoint) stays below one block plus one piece however long a document is.
 """
 
+import logging
 from collections.abc import Iterator
 
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from .corpus import DataError, TextSource, row_text
+from .corpus import SEGMENT_CHARS, DataError, TextSource, bounded_pieces, row_text
+from .tokenization import unknown_spans
+
+logger = logging.getLogger(__name__)
+SHOWN_UNKNOWN = 20  # distinct unknown characters named in the warning
 
 
 class PackedStream:
     def __init__(
         self, source: TextSource, tokenizer, context_length: int, batch_size: int, rank: int = 0, world_size: int = 1
     ):
+        if context_length < 1 or batch_size < 1:
+            raise DataError(f"context_length and batch_size must be at least 1, not {context_length} and {batch_size}")
         self.source = source
         if world_size > 1:  # each process reads its own part of the stream
             source.dataset = split_dataset_by_node(source.dataset, rank=rank, world_size=world_size)
@@ -27,6 +35,8 @@ class PackedStream:
         self.last_document = None
         self.rows_state = None
         self.exhausted = False
+        self.unknown_tokens = 0  # tokens the tokenizer could only call unknown, so far
+        self.unknown_seen: set[str] = set()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.rows_state is not None:
@@ -45,7 +55,7 @@ class PackedStream:
                 self.exhausted = True
                 return
             except UnicodeDecodeError as error:
-                raise DataError(f"the data is not valid UTF-8 text: {error}") from error
+                raise DataError(f"{self.source.description or 'the data'} is not valid UTF-8 text: {error}") from error
             self.buffer.extend(self.tokens_of(row))
 
     def tokens_of(self, row: dict) -> list[int]:
@@ -54,14 +64,41 @@ class PackedStream:
         starts_document = key_column is None or key != self.last_document
         self.last_document = key
         if not starts_document:  # a further row of the same document
-            text = "\n" + text
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ([self.tokenizer.eos_token_id] if starts_document else []) + ids
+            text = self.source.row_separator + text
+        ids = [self.tokenizer.eos_token_id] if starts_document else []
+        for piece in bounded_pieces(text, SEGMENT_CHARS):
+            ids.extend(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
+        if self.tokenizer.unk_token_id is not None and self.tokenizer.unk_token_id in ids:
+            self.count_unknown(ids, text)
+        return ids
+
+    def count_unknown(self, ids: list[int], text: str) -> None:
+        self.unknown_tokens += ids.count(self.tokenizer.unk_token_id)
+        if len(self.unknown_seen) >= SHOWN_UNKNOWN:
+            return
+        new = set(unknown_spans(self.tokenizer, text[:SEGMENT_CHARS])) - self.unknown_seen
+        if new:
+            self.unknown_seen |= new
+            logger.warning(
+                "%s has text outside the tokenizer's vocabulary, which it turns into %s: %s (%d such tokens so "
+                "far; the unknown_tokens metric counts them). A tokenizer trained on this data (--tokenizer bpe) "
+                "covers every character",
+                self.source.description or "the data",
+                self.tokenizer.unk_token,
+                ", ".join(repr(piece) for piece in sorted(self.unknown_seen)),
+                self.unknown_tokens,
+            )
 
     def state_dict(self) -> dict:
-        return {"rows": self.rows_state, "buffer": list(self.buffer), "last_document": self.last_document}
+        return {
+            "rows": self.rows_state,
+            "buffer": list(self.buffer),
+            "last_document": self.last_document,
+            "unknown_tokens": self.unknown_tokens,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.rows_state = state["rows"]
         self.buffer = list(state["buffer"])
         self.last_document = state["last_document"]
+        self.unknown_tokens = state.get("unknown_tokens", 0)

@@ -8,10 +8,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
+UNKNOWN = "<|unk|>"
 
 
-def wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END_OF_TEXT, pad_token=PAD)
+def wrap(tokenizer: Tokenizer, **special_tokens) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END_OF_TEXT, pad_token=PAD, **special_tokens)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, sample_chars: int) -> PreTrainedTokenizerFast:
@@ -38,14 +39,25 @@ def train_bpe(texts: Iterable[str], vocab_size: int, sample_chars: int) -> PreTr
 
 
 def char_tokenizer(alphabet: str = string.printable) -> PreTrainedTokenizerFast:
-    """One token per character of `alphabet` (the paper's 100 printable characters) plus end-of-text and pad,
-    which get their own ids (the paper's code let pad collide with the character '0')."""
+    """One token per character of `alphabet` (the paper's 100 printable characters) plus end-of-text, pad and
+    unknown, each its own id (the paper's code let pad collide with the character '0'). A character outside the
+    alphabet becomes the unknown token: never padding, which a model would be told to skip."""
     vocab = {char: index for index, char in enumerate(dict.fromkeys(alphabet))}
-    vocab[END_OF_TEXT], vocab[PAD] = len(vocab), len(vocab) + 1
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
+    for special in (END_OF_TEXT, PAD, UNKNOWN):
+        vocab[special] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNKNOWN))
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    return wrap(tokenizer)
+    return wrap(tokenizer, unk_token=UNKNOWN)
+
+
+def unknown_spans(tokenizer, text: str) -> list[str]:
+    """The pieces of `text` the tokenizer turns into its unknown token (none for a byte-level BPE)."""
+    if tokenizer.unk_token_id is None:
+        return []
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    pairs = zip(encoding["input_ids"], encoding["offset_mapping"], strict=True)
+    return [text[start:end] for token, (start, end) in pairs if token == tokenizer.unk_token_id]
 
 
 def build_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, sample_chars: int) -> PreTrainedTokenizerFast:

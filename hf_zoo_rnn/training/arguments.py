@@ -6,11 +6,14 @@ A key that no dataclass declares is an error naming the file and the key.
 
 import dataclasses
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
 from ..config_files import ConfigFileError, check_known_keys, read_yaml
+from ..data.corpus import VALIDATION_FRACTION
 from ..zo import ZOConfig
 from ..zo.optimizer import LR_SCHEDULES
 from .local_gradients import SCOPES
@@ -39,6 +42,16 @@ class DataArguments:
     )
     task: str | None = field(
         default=None, metadata={"help": "a paper task instead of text: copy, reverse, sort, repeat_copy, add"}
+    )
+    validation_dataset: str | None = field(
+        default=None, metadata={"help": "data to validate on, named like dataset (default: a held-out part of it)"}
+    )
+    validation_fraction: float = field(
+        default=VALIDATION_FRACTION,
+        metadata={
+            "help": "documents held out for validation from a local dataset or a Hub dataset without a validation "
+            "split, chosen by a hash of their text (0: validate on the training data)"
+        },
     )
     text_column: str = field(default="text", metadata={"help": "column holding the text"})
     document_column: str | None = field(
@@ -176,10 +189,33 @@ def parse_arguments(argv: list[str] | None = None):
         values = read_yaml(path)
         known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
         check_known_keys(values, known, path, "scripts/train.py (see --help)")
-        parser.set_defaults(**values)
+        parser.set_defaults(**{key: typed_value(key, value, path) for key, value in values.items()})
     model_args, data_args, train_args, zo_config = parser.parse_args_into_dataclasses(args=argv)
     check_choices(model_args, data_args, train_args, zo_config)
     return model_args, data_args, train_args, zo_config
+
+
+def typed_value(key: str, value, path: str):
+    """A YAML value checked against its field's type, so a wrong one is an error naming the file and key (argparse
+    would report it as a command-line error, or not at all). A number in a string converts, as on the command line:
+    YAML reads 1e-3 as text."""
+    hints = {name: hint for cls in ARGUMENT_CLASSES for name, hint in typing.get_type_hints(cls).items()}
+    hint = hints[key]
+    optional = isinstance(hint, types.UnionType) and type(None) in hint.__args__
+    kind = next(t for t in hint.__args__ if t is not type(None)) if optional else hint
+    if value is None and optional:
+        return None
+    if kind is bool and isinstance(value, bool) or kind is str and isinstance(value, str):
+        return value
+    if kind in (int, float) and not isinstance(value, bool):
+        try:
+            converted = kind(value)
+        except (TypeError, ValueError):
+            converted = None
+        if converted is not None and (kind is float or converted == float(value)):
+            return converted
+    expected = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(kind, kind)
+    raise ConfigFileError(f"{path}: {key} must be {expected}{' or null' if optional else ''}, got {value!r}")
 
 
 def check_choices(
@@ -210,6 +246,8 @@ def check_choices(
     for name in ("eval_batches", "task_eval_examples", "batch_size", "context_length"):
         if getattr(data_args, name) < 1:
             raise ConfigFileError(f"{name} must be at least 1, got {getattr(data_args, name)}")
+    if not 0 <= data_args.validation_fraction < 1:
+        raise ConfigFileError(f"validation_fraction must be in [0, 1), got {data_args.validation_fraction}")
     if zo_config.lr is not None and zo_config.lr <= 0:
         raise ConfigFileError(
             f"lr must be positive (a ZO step moves against the estimated gradient), got {zo_config.lr}"

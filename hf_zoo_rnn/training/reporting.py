@@ -55,6 +55,15 @@ def hardware(device) -> str:
     return f"CPU, {os.cpu_count()} cores"
 
 
+def duration(seconds: float) -> str:
+    """1 h 2 min 5 s, 2 min 26 s, 4.2 s."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min {secs} s" if hours else f"{minutes} min {secs} s"
+
+
 def parameter_roles(model, roles: dict[str, str]) -> dict[str, tuple[list[str], int]]:
     """role -> (parameter names, element count); parameters without a role were frozen. Empty for BPTT, where
     every parameter is trained by backpropagation."""
@@ -87,9 +96,11 @@ def write_model_card(output_dir: Path, model, trainer, final_metrics: dict) -> M
         config=config,
         optimizer=trainer.train_args.optimizer,
         zo=zo,
-        data_name=f"task {data.task}"
-        if data.task
-        else ("the King James Bible (built in)" if data.dataset == "kjv" else data.dataset),
+        unknown_tokens=getattr(trainer.train_stream, "unknown_tokens", 0),
+        train_time=duration(final_metrics["train_seconds"]) if "train_seconds" in final_metrics else None,
+        step_time=duration(final_metrics["training_seconds"]) if "training_seconds" in final_metrics else None,
+        training_data=trainer.training_data,
+        validation_data=trainer.validation_data,
         counters=trainer.counters,
         world_size=trainer.world_size,
         metrics={k: f"{v:.4f}" for k, v in final_metrics.items()},

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..config_files import ConfigFileError, load_model_config, model_config_from_dict
 from ..configuration_zoo_rnn import ZooRnnConfig
-from ..data import PackedStream, TaskStream, build_tokenizer, documents, open_text_source
+from ..data import BUILTIN_KJV, PackedStream, TaskStream, build_tokenizer, open_text_source, text_pieces
 from ..hub import RESUME_ONLY, HubPusher, resolve_hub_checkpoint
 from ..modeling_zoo_rnn import IGNORE_INDEX, ZooRnnForCausalLM
 from ..zo import StackedLoss, ZOConfig, ZOOptimizer
@@ -79,6 +79,7 @@ class ZooTrainer:
         self.local: LocalGradientStep | None = None
         self.parameter_roles: dict[str, str] = {}  # parameter name -> how it is trained (for the model card)
         self.skipped_in_a_row = 0
+        self.warned_no_validation = False
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
@@ -99,6 +100,9 @@ class ZooTrainer:
         if self.resume_dir is not None:
             self.load_training_state(self.resume_dir)
         self.train_iterator = iter(self.train_stream)
+        self.training_data, self.validation_data = self.data_descriptions()
+        if self.accelerator.is_main_process:
+            logger.warning("training on %s; validating on %s", self.training_data, self.validation_data)
 
     def setup_zero_order(self) -> None:
         """The ZO optimiser over its share of the parameters and, with a local gradient, its AdamW half."""
@@ -110,6 +114,11 @@ class ZooTrainer:
             zo_names, local_names = partition_parameters(self.model, args.local_gradient, args.zo_parameters)
         except ValueError as error:
             raise ConfigFileError(str(error)) from error
+        if zo_config.num_probes % self.world_size:
+            raise ConfigFileError(
+                f"num_probes={zo_config.num_probes} is not divisible by the {self.world_size} processes: each "
+                "process evaluates an equal share of the probes"
+            )
         if zo_config.num_probes and not zo_names:
             raise ConfigFileError(
                 f"local_gradient='one_step' (the default) trains every parameter and leaves none to the "
@@ -157,14 +166,17 @@ class ZooTrainer:
         """What a checkpoint's data position and tokenizer belong to: resuming on anything else cannot continue."""
         data = self.data_args
         keys = ("dataset", "task", "text_column", "document_column", "tokenizer", "tokenizer_vocab_size")
-        return {key: getattr(data, key) for key in keys}
+        identity = {key: getattr(data, key) for key in keys}
+        if not data.task and data.dataset != BUILTIN_KJV:  # what is held out decides which rows train
+            identity["held_out_fraction"] = 0 if data.validation_dataset else data.validation_fraction
+        return identity
 
     def check_same_data(self, folder: Path) -> None:
         saved = json.loads((folder / "trainer_state.json").read_text()).get("data")
         if saved is None:  # written before checkpoints recorded their data
             return
         differing = [
-            f"{key}: checkpoint {saved[key]!r}, this run {value!r}"
+            f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
             for key, value in self.data_identity().items()
             if saved.get(key) != value
         ]
@@ -184,7 +196,7 @@ class ZooTrainer:
         tokenizer_dir = self.output_dir / "tokenizer"
         with self.accelerator.main_process_first():  # the main process trains and saves, the others load it
             if self.accelerator.is_main_process:
-                texts = () if kind != "bpe" else documents(self.text_source(validation=False))
+                texts = () if kind != "bpe" else text_pieces(self.text_source(validation=False))
                 build_tokenizer(kind, texts, data.tokenizer_vocab_size, data.tokenizer_sample_chars).save_pretrained(
                     tokenizer_dir
                 )
@@ -229,10 +241,29 @@ class ZooTrainer:
         return model.to(self.accelerator.device)
 
     def text_source(self, validation: bool):
+        """The training data, or what validation evaluates: --validation_dataset whole, else the held-out part."""
         data = self.data_args
-        return open_text_source(
-            data.dataset, "validation" if validation else "train", data.text_column, data.document_column
-        )
+        if validation and data.validation_dataset:
+            source = open_text_source(data.validation_dataset, "validation", data.text_column, data.document_column, 0)
+            source.description = f"{source.description} (--validation_dataset)"
+            return source
+        fraction = 0 if data.validation_dataset else data.validation_fraction
+        split = "validation" if validation else "train"
+        return open_text_source(data.dataset, split, data.text_column, data.document_column, fraction)
+
+    def data_descriptions(self) -> tuple[str, str]:
+        """(what trains, what validation evaluates), in words for the logs and the model card."""
+        data = self.data_args
+        if data.task:
+            return (
+                f"the {data.task} task, lengths 2-{data.task_max_length}",
+                f"the {data.task} task: loss at lengths {data.task_max_length + 1}-{data.task_max_length + 50}, "
+                "exact match in and out of distribution",
+            )
+        training, validation = self.train_stream.source.description, self.text_source(validation=True).description
+        if validation == training:  # validation_fraction 0: say so wherever the loss is reported
+            validation += " (the training data itself: validation_fraction is 0)"
+        return training, validation
 
     def make_stream(self, validation: bool):
         data = self.data_args
@@ -281,6 +312,8 @@ class ZooTrainer:
                 comm_bytes=self.counters["comm_bytes"],
                 peak_memory_mb=peak_memory_mb(self.accelerator.device),
             )
+            if getattr(self.train_stream, "unknown_tokens", 0):
+                metrics["unknown_tokens"] = self.train_stream.unknown_tokens
             self.check_progress(metrics)
             self.maybe_grow_curriculum(metrics["train_loss"])
             if args.checksum_steps and step % args.checksum_steps == 0:
@@ -454,6 +487,15 @@ class ZooTrainer:
         was_training = model.training
         model.eval()
         results = language_model_metrics(model, self.make_stream(validation=True), self.data_args.eval_batches)
+        if not results and not self.warned_no_validation:
+            self.warned_no_validation = True
+            logger.warning(
+                "no validation loss: %s holds less than one batch of %d x %d tokens (pass --validation_dataset, "
+                "or raise --validation_fraction)",
+                self.validation_data,
+                self.data_args.batch_size,
+                self.data_args.context_length,
+            )
         if self.data_args.task:
             results.update(
                 task_metrics(

@@ -1,0 +1,40 @@
+"""Train a ZooRnn language model: `accelerate launch -m hf_zoo_rnn.train [--config FILE] [--arg value ...]`.
+
+scripts/train.py is this, from a checkout. A mistake the user can fix (a config, the data, a checkpoint, a run that
+stalls) ends the run with one line naming its cause; under accelerate launch that line is also the root cause in
+torch elastic's failure report, instead of "To enable traceback see ...".
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .config_files import ConfigFileError
+from .data import DataError
+from .training import TrainingStalledError, ZooTrainer, parse_arguments
+from .training.checkpoints import CheckpointError
+
+USER_ERRORS = (ConfigFileError, DataError, CheckpointError, TrainingStalledError)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        trainer = ZooTrainer(*parse_arguments(argv))
+        trainer.train()
+    except USER_ERRORS as error:
+        exit_with(f"train: error: {error}")
+    trainer.accelerator.end_training()  # flush the trackers and end the process group
+
+
+def exit_with(message: str) -> None:
+    """Exit with one line on stderr; torch elastic shows a child's error file in its report (a plain-text message
+    is shown as it is)."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+    raise SystemExit(message)
+
+
+if __name__ == "__main__":
+    main()
