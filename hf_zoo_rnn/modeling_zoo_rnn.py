@@ -331,6 +331,11 @@ class ZooRnnPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the cache is the recurrent state, not attention keys/values
 
+    def should_save_on_this_rank(self, is_main_process: bool) -> bool:
+        # Every process holds the whole model (never sharded), so the caller decides who writes: with a disk per
+        # machine, each machine's first process (transformers would otherwise write on global rank 0 only).
+        return is_main_process
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         config = self.config

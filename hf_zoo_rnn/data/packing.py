@@ -31,7 +31,8 @@ class PackedStream:
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.batch_size = batch_size
-        self.buffer: list[int] = []
+        self.buffer: list[int] = []  # tokens read; those before `position` are already emitted
+        self.position = 0
         self.last_document = None
         self.rows_state = None
         self.exhausted = False
@@ -44,11 +45,14 @@ class PackedStream:
         needed = self.batch_size * self.context_length
         rows = iter(self.source.dataset)
         while True:
-            while len(self.buffer) >= needed:
-                block, self.buffer = self.buffer[:needed], self.buffer[needed:]
+            while len(self.buffer) - self.position >= needed:
+                block = self.buffer[self.position : self.position + needed]
+                self.position += needed  # the consumed prefix is dropped once per row, not copied per block
                 self.rows_state = self.source.dataset.state_dict()
                 ids = torch.tensor(block, dtype=torch.long).view(self.batch_size, self.context_length)
                 yield ids, ids  # (input_ids, labels), like every stream: a language model predicts its input
+            del self.buffer[: self.position]
+            self.position = 0
             try:
                 row = next(rows)
             except StopIteration:
@@ -92,7 +96,7 @@ class PackedStream:
     def state_dict(self) -> dict:
         return {
             "rows": self.rows_state,
-            "buffer": list(self.buffer),
+            "buffer": self.buffer[self.position :],
             "last_document": self.last_document,
             "unknown_tokens": self.unknown_tokens,
         }
@@ -100,5 +104,6 @@ class PackedStream:
     def load_state_dict(self, state: dict) -> None:
         self.rows_state = state["rows"]
         self.buffer = list(state["buffer"])
+        self.position = 0
         self.last_document = state["last_document"]
         self.unknown_tokens = state.get("unknown_tokens", 0)

@@ -21,6 +21,7 @@ from .local_gradients import SCOPES
 OPTIMIZERS = ("zo", "bptt_sgd", "bptt_adamw")
 LOCAL_GRADIENTS = ("none", *SCOPES)
 HUB_STRATEGIES = ("end", "every_save", "all_checkpoints")
+CHECKPOINT_STORAGES = ("auto", "shared", "per_machine")
 DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -128,6 +129,14 @@ class TrainArguments:
     eval_steps: int = field(default=100, metadata={"help": "evaluate every N steps (0: only at the end)"})
     save_steps: int = field(default=100, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept"})
+    checkpoint_storage: str = field(
+        default="auto",
+        metadata={
+            "help": "shared (one filesystem: the main process writes the shared files), per_machine (each machine's "
+            "first process writes a whole checkpoint to its own disk, as HF Trainer's save_on_each_node), or auto: "
+            "per_machine when some process cannot see the main process's output_dir"
+        },
+    )
     max_shard_size: str = field(
         default="2GB", metadata={"help": "safetensors shard size of saved models (big models shard)"}
     )
@@ -225,6 +234,10 @@ def check_choices(
         raise ConfigFileError(f"optimizer must be one of {OPTIMIZERS}, got {train_args.optimizer!r}")
     if train_args.hub_strategy not in HUB_STRATEGIES:
         raise ConfigFileError(f"hub_strategy must be one of {HUB_STRATEGIES}, got {train_args.hub_strategy!r}")
+    if train_args.checkpoint_storage not in CHECKPOINT_STORAGES:
+        raise ConfigFileError(
+            f"checkpoint_storage must be one of {CHECKPOINT_STORAGES}, got {train_args.checkpoint_storage!r}"
+        )
     if train_args.local_gradient not in LOCAL_GRADIENTS:
         raise ConfigFileError(f"local_gradient must be one of {LOCAL_GRADIENTS}, got {train_args.local_gradient!r}")
     if train_args.local_lr_schedule not in LR_SCHEDULES:

@@ -1,7 +1,7 @@
 """Checkpoint folders: written atomically, verified, found again, pruned.
 
 A checkpoint is first written to `.tmp-checkpoint-N` by every process, then renamed to `checkpoint-N` by the main
-process: a crash mid-save (even SIGKILL) leaves the previous checkpoints untouched and no half-written
+process (with a disk per machine, every machine holds a whole checkpoint and its first process renames it): a crash mid-save (even SIGKILL) leaves the previous checkpoints untouched and no half-written
 `checkpoint-N` that `latest` could pick up. The last file written is `manifest.json`, the size and SHA-256 of every
 other file: a checkpoint damaged after it was written (a disk fault, a partial copy) is refused at resume with the
 file named, `latest` falls back to the newest checkpoint that verifies, and pruning never removes that one.
@@ -83,20 +83,29 @@ def latest_checkpoint(output_dir: Path, known_good: Path | None = None) -> Path 
     return None
 
 
-def write_atomically(target: Path, write: Callable[[Path], None], accelerator) -> None:
+def write_atomically(target: Path, write: Callable[[Path], None], accelerator, owner: bool) -> None:
+    """Every process writes its files into the staging folder, which its `owner` (the main process, or with a disk
+    per machine each machine's first process) creates, seals with the manifest and renames."""
     staging = target.parent / f".tmp-{target.name}"
-    if accelerator.is_main_process:
+    if owner:
         shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier save
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     write(staging)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if owner:
         write_manifest(staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     accelerator.wait_for_everyone()
+
+
+def verified_steps(output_dir: Path) -> list[int]:
+    """The steps of the checkpoints here that verify, oldest first."""
+    return [
+        int(CHECKPOINT_PATTERN.match(p.name).group(1)) for p in checkpoints(output_dir) if checkpoint_problem(p) is None
+    ]
 
 
 def prune_checkpoints(output_dir: Path, keep: int, known_good: Path | None = None) -> None:

@@ -16,13 +16,14 @@ import math
 import pickle
 import resource
 import time
+import uuid
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from huggingface_hub import HfApi
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -40,6 +41,7 @@ from .checkpoints import (
     checkpoints,
     latest_checkpoint,
     prune_checkpoints,
+    verified_steps,
     write_atomically,
 )
 from .evaluation import language_model_metrics, task_metrics
@@ -85,6 +87,11 @@ class ZooTrainer:
 
     def setup(self) -> None:
         set_seed(self.zo_config.seed)
+        self.per_machine = self.checkpoint_storage() == "per_machine"
+        # who writes the files every process shares (model, tokenizer, optimizer, trainer state)
+        self.writes_shared = (
+            self.accelerator.is_local_main_process if self.per_machine else self.accelerator.is_main_process
+        )
         self.resume_dir = self.resolve_resume()
         self.tokenizer = self.load_tokenizer()
         self.model = self.load_model()
@@ -137,12 +144,37 @@ class ZooTrainer:
                 self.model, args.local_gradient, local_names, surrogate, args, args.max_steps, reduce
             )
 
+    def checkpoint_storage(self) -> str:
+        """shared or per_machine; auto asks whether every process sees a file the main process writes into
+        output_dir (machines without a shared filesystem do not)."""
+        setting = self.train_args.checkpoint_storage
+        if setting != "auto" or self.world_size == 1:
+            return "shared" if setting == "auto" else setting
+        marker = self.output_dir / f".storage-check-{broadcast_object_list([uuid.uuid4().hex])[0]}"
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        self.accelerator.wait_for_everyone()
+        everyone_sees_it = all(gather_object([marker.exists()]))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            marker.unlink()
+        if not everyone_sees_it and self.accelerator.is_main_process:
+            logger.warning("%s is not shared by every machine: each machine keeps whole checkpoints", self.output_dir)
+        return "shared" if everyone_sees_it else "per_machine"
+
+    def agreed_checkpoint(self) -> Path | None:
+        """With a disk per machine: the newest checkpoint that verifies on every machine."""
+        steps = [set(found) for found in gather_object([verified_steps(self.output_dir)])]
+        common = set.intersection(*steps)
+        return self.output_dir / f"checkpoint-{max(common)}" if common else None
+
     def resolve_resume(self) -> Path | None:
         choice = self.train_args.resume_from_checkpoint
         if choice is None:
             return None
         if choice == "latest":
-            path = latest_checkpoint(self.output_dir)
+            path = self.agreed_checkpoint() if self.per_machine else latest_checkpoint(self.output_dir)
         else:
             with self.accelerator.main_process_first():  # one download; the others find it in the cache
                 path = resolve_hub_checkpoint(choice) or Path(choice)
@@ -194,13 +226,19 @@ class ZooTrainer:
         data = self.data_args
         kind = "char" if data.task and data.tokenizer == "bpe" else data.tokenizer  # tasks are character level
         tokenizer_dir = self.output_dir / "tokenizer"
-        with self.accelerator.main_process_first():  # the main process trains and saves, the others load it
-            if self.accelerator.is_main_process:
-                texts = () if kind != "bpe" else text_pieces(self.text_source(validation=False))
-                build_tokenizer(kind, texts, data.tokenizer_vocab_size, data.tokenizer_sample_chars).save_pretrained(
-                    tokenizer_dir
-                )
-            return AutoTokenizer.from_pretrained(tokenizer_dir)
+        files = None
+        if self.accelerator.is_main_process:  # trains it once; the others load what it saved
+            texts = () if kind != "bpe" else text_pieces(self.text_source(validation=False))
+            tokenizer = build_tokenizer(kind, texts, data.tokenizer_vocab_size, data.tokenizer_sample_chars)
+            files = {path.name: path.read_bytes() for path in map(Path, tokenizer.save_pretrained(tokenizer_dir))}
+        if self.per_machine:  # the other machines cannot read the main process's disk: send them the files
+            files = broadcast_object_list([files])[0]
+            if self.accelerator.is_local_main_process and not self.accelerator.is_main_process:
+                tokenizer_dir.mkdir(parents=True, exist_ok=True)
+                for name, content in files.items():
+                    (tokenizer_dir / name).write_bytes(content)
+        self.accelerator.wait_for_everyone()
+        return AutoTokenizer.from_pretrained(tokenizer_dir)
 
     def model_config(self) -> ZooRnnConfig:
         values = dict(DEFAULT_MODEL)
@@ -286,7 +324,7 @@ class ZooTrainer:
     def train(self) -> dict:
         self.setup()
         args = self.train_args
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process or self.writes_shared:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.trackers:
             self.accelerator.init_trackers("hf_zoo_rnn", config=flat_config(self))
@@ -545,7 +583,7 @@ class ZooTrainer:
                 {"data": self.train_stream.state_dict(), "rng": torch.get_rng_state()},
                 folder / f"process_{self.rank}.pt",
             )
-            if self.accelerator.is_main_process:
+            if self.writes_shared:
                 model.save_pretrained(folder, max_shard_size=self.train_args.max_shard_size)
                 self.tokenizer.save_pretrained(folder)
                 torch.save(optimizer_state, folder / "optimizer.pt")
@@ -558,8 +596,8 @@ class ZooTrainer:
                 (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
                 self.write_report(folder, self.latest_eval())
 
-        write_atomically(target, write, self.accelerator)
-        if self.accelerator.is_main_process:
+        write_atomically(target, write, self.accelerator, owner=self.writes_shared)
+        if self.writes_shared:
             prune_checkpoints(self.output_dir, self.train_args.save_total_limit, known_good=target)
             if self.pusher is not None:
                 self.push_checkpoint(target, step)
@@ -576,8 +614,9 @@ class ZooTrainer:
         process_file = folder / f"process_{self.rank if state['world_size'] == self.world_size else 0}.pt"
         try:
             process_state = torch.load(process_file, weights_only=False)
+            device = self.accelerator.device  # a CPU process of a multi-machine run gets "cpu:0", which load refuses
             optimizer_state = torch.load(
-                folder / "optimizer.pt", weights_only=False, map_location=self.accelerator.device
+                folder / "optimizer.pt", weights_only=False, map_location=device if device.type != "cpu" else "cpu"
             )
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
             raise CheckpointError(f"{folder} is corrupt or incomplete: {error}") from error
@@ -613,7 +652,7 @@ class ZooTrainer:
             raise CheckpointError(f"{folder}: the optimizer state does not fit this run: {error}") from error
 
     def save_final_model(self, final_metrics: dict) -> None:
-        if not self.accelerator.is_main_process:
+        if not self.writes_shared:
             return
         model = self.accelerator.unwrap_model(self.model)
         model.save_pretrained(self.output_dir, max_shard_size=self.train_args.max_shard_size)
