@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-.PHONY: install train demo test lint
+.PHONY: install train demo test lint wheel-check
 install: $(VENV)/.installed
 
 # The embedded default run: the built-in corpus, one-step gradients on 1 CPU process (a few minutes on 2 cores).
@@ -30,3 +30,16 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The package as pip users get it: the wheel in a fresh venv, a tiny training and a generation from outside the checkout.
+WHEEL_VENV ?= /tmp/hf_zoo_rnn-wheel-venv
+wheel-check: install
+	rm -rf dist $(WHEEL_VENV)
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist .
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(WHEEL_VENV)/bin/python -m pip install --quiet dist/*.whl
+	cd "$$(mktemp -d)" && $(WHEEL_VENV)/bin/hf-zoo-rnn-train --model_config tiny --max_steps 2 --batch_size 2 \
+		--context_length 32 --eval_batches 1 --log_with none --output_dir run \
+		&& test -f run/README.md && test -f run/model.safetensors \
+		&& $(WHEEL_VENV)/bin/python -m hf_zoo_rnn.generate --model run --max_new_tokens 5

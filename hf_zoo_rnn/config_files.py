@@ -1,6 +1,7 @@
 """YAML config files: read them strictly, so a typo is an error naming the file and key, never a silent default."""
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -9,9 +10,29 @@ from huggingface_hub.errors import StrictDataclassError
 
 from .configuration_zoo_rnn import ZooRnnConfig
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package: configs/ in a checkout
+
 
 class ConfigFileError(ValueError):
     """A config file is missing, unreadable, or holds a key or value that does not fit."""
+
+
+def command_name() -> str:
+    """The running command, for one-line errors: generate.py, hf-zoo-rnn-generate, train.py under accelerate ..."""
+    return Path(sys.argv[0]).name
+
+
+def config_path(name_or_path: str | Path, kind: str) -> Path:
+    """A YAML file by path, or a built-in one of `kind` ("model", "train", "accelerate") by name (`tiny`) or by
+    its path in a checkout (`configs/model/tiny.yaml`), so both work from an installed package anywhere."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / kind / f"{path.name}.yaml", CONFIG_DIR / kind / path.name):
+        if path.parent in (Path("."), Path("configs") / kind) and candidate.is_file():
+            return candidate
+    names = ", ".join(sorted(p.stem for p in (CONFIG_DIR / kind).glob("*.yaml")))
+    raise ConfigFileError(f"config file not found: {name_or_path} (built-in {kind} configs: {names})")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -50,6 +71,7 @@ def model_config_from_dict(values: dict[str, Any], source: str = "model config")
         raise ConfigFileError(f"{source}: {reason}") from error
 
 
-def load_model_config(path: str | Path) -> ZooRnnConfig:
-    """A ZooRnnConfig from a YAML file such as configs/model/tiny.yaml."""
+def load_model_config(name_or_path: str | Path) -> ZooRnnConfig:
+    """A ZooRnnConfig from a YAML file such as configs/model/tiny.yaml, or a built-in one by name (tiny)."""
+    path = config_path(name_or_path, "model")
     return model_config_from_dict(read_yaml(path), source=str(path))

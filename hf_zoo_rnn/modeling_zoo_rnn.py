@@ -22,6 +22,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_zoo_rnn import ZooRnnConfig
 
@@ -230,6 +231,45 @@ def shifted_targets(labels: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return targets
 
 
+def padding_of(attention_mask: torch.Tensor | None, steps: int) -> torch.Tensor | None:
+    """Left padding, the only kind a recurrence can honour exactly: per row the number of padded positions among
+    the last `steps` inputs (the mask may also cover earlier, already processed ones, as generate sends it), or
+    None when there are none. Any other mask (a zero after a one) is refused."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    mask = attention_mask.bool()
+    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+        raise ValueError(
+            "ZooRnn honours left padding only (each row of attention_mask: zeros, then ones); this mask has a zero "
+            "after a one. Pad on the left (tokenizer.padding_side = 'left') or pass unpadded inputs"
+        )
+    return (~mask[:, -steps:]).sum(1)
+
+
+def unpadded_spans(padding: torch.Tensor | None, start: int, end: int):
+    """Split positions [start, end) where a row's left padding ends: yields (from, to, rows still padded throughout
+    [from, to), or None when none are). Their state must stay as it was: a padded row starts when its text does."""
+    if padding is None or bool((padding <= start).all()):
+        yield start, end, None
+        return
+    cuts = sorted({start, end, *(int(p) for p in padding if start < p < end)})
+    for low, high in zip(cuts, cuts[1:], strict=False):
+        padded = padding >= high
+        yield low, high, padded if bool(padded.any()) else None
+
+
+IGNORED_INPUTS = ("position_ids", "cache_position", "past_key_values")  # a recurrence has no positions and no kv cache
+
+
+def check_extra_inputs(name: str, output_attentions: bool | None, extra: dict) -> None:
+    """Accept what transformers passes to every model on purpose; refuse anything else instead of ignoring it."""
+    if output_attentions:
+        raise ValueError(f"{name} has no attention layers: output_attentions=True has nothing to return")
+    unknown = sorted(key for key, value in extra.items() if key not in IGNORED_INPUTS)
+    if unknown:
+        raise TypeError(f"{name}.forward got unexpected keyword argument(s) {unknown}")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------------------------------
@@ -237,10 +277,12 @@ def shifted_targets(labels: torch.Tensor, start: int, end: int) -> torch.Tensor:
 
 @dataclass
 class ZooRnnOutput(ModelOutput):
-    """last_hidden_state [B, T, H]; state: one [S, B, N, D] tensor per layer (the recurrent cache)."""
+    """last_hidden_state [B, T, H]; state: one [S, B, N, D] tensor per layer (the recurrent cache); hidden_states
+    (output_hidden_states=True): the embeddings, then each layer's output (the last one after the final norm)."""
 
     last_hidden_state: torch.FloatTensor | None = None
     state: tuple[torch.Tensor, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -251,6 +293,7 @@ class ZooRnnCausalLMOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     state: tuple[torch.Tensor, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -387,34 +430,73 @@ class ZooRnnModel(ZooRnnPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         state: tuple[torch.Tensor, ...] | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> ZooRnnOutput:
+        check_extra_inputs(type(self).__name__, output_attentions, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("ZooRnnModel.forward needs exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)
-        if inputs_embeds.shape[1] == 0:
+        steps = inputs_embeds.shape[1]
+        if steps == 0:
             raise ValueError(EMPTY_INPUT)
-        if state is None:
-            state = self.initial_state(inputs_embeds.shape[0])
-        state = list(state)
-        outputs = []
-        # Time chunks bound each recurrent call; the state carries across them exactly.
-        for chunk in inputs_embeds.split(self.config.chunk_size, dim=1):
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        padding = padding_of(attention_mask, steps)
+        state = list(state if state is not None else self.initial_state(inputs_embeds.shape[0]))
+        # Time chunks bound each recurrent call; the state carries across them exactly. Left padding splits a chunk
+        # where a row's text starts, and a row still padded keeps its state through the span.
+        spans = [
+            span
+            for start in range(0, steps, self.config.chunk_size)
+            for span in unpadded_spans(padding, start, min(start + self.config.chunk_size, steps))
+        ]
+        if output_hidden_states:  # layer by layer: every returned tensor is the one the next layer read
+            all_hidden = [inputs_embeds]
             for i, layer in enumerate(self.layers):
-                chunk, state[i] = layer(chunk, state[i])
-            outputs.append(chunk)
-        hidden = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+                pieces = []
+                for low, high, padded in spans:
+                    piece, state[i] = self.step_layer(layer, all_hidden[-1][:, low:high], state[i], padded)
+                    pieces.append(piece)
+                all_hidden.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1))
+            hidden = all_hidden[-1]
+        else:  # span by span through every layer: nothing context-sized besides the output
+            pieces = []
+            for low, high, padded in spans:
+                piece = inputs_embeds[:, low:high]
+                for i, layer in enumerate(self.layers):
+                    piece, state[i] = self.step_layer(layer, piece, state[i], padded)
+                pieces.append(piece)
+            hidden = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         if self.norm_f is not None:
             hidden = self.norm_f(hidden)
+        if output_hidden_states:
+            all_hidden = tuple(all_hidden[:-1]) + (hidden,)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        return ZooRnnOutput(last_hidden_state=hidden, state=tuple(state) if use_cache else None)
+        return ZooRnnOutput(
+            last_hidden_state=hidden,
+            state=tuple(state) if use_cache else None,
+            hidden_states=all_hidden if output_hidden_states else None,
+        )
+
+    @staticmethod
+    def step_layer(layer, hidden: torch.Tensor, state: torch.Tensor, padded: torch.Tensor | None):
+        """One layer over one span; rows still in their left padding keep the state they had."""
+        hidden, new_state = layer(hidden, state)
+        if padded is not None:
+            new_state = torch.where(padded.view(1, -1, 1, 1), state, new_state)
+        return hidden, new_state
 
 
 class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
@@ -432,6 +514,7 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -441,6 +524,10 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> ZooRnnCausalLMOutput:
         r"""
@@ -450,36 +537,64 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
             length keeps only one chunk of logits in memory.
         state (`tuple[torch.Tensor]`, *optional*):
             Recurrent state to start from (the `state` of a previous output); zeros when None.
+        attention_mask (`torch.Tensor` [B, T] or [B, past + T], *optional*):
+            Left padding (zeros, then ones per row): a row's state stays as it was through its padded positions,
+            so each row computes what it would alone; the logits at padded positions mean nothing and are never
+            scored (the loss is each row's own). Any other mask is an error.
         logits_to_keep (`int`, defaults to 0):
             Return logits for the last `logits_to_keep` positions only; 0 returns all of them.
+        num_items_in_batch (*optional*): divide the summed loss by this count (transformers' Trainer passes the
+            labelled tokens of a whole accumulated batch) instead of this batch's labelled positions.
+        shift_labels (`torch.LongTensor` [B, T], *optional*): targets already aligned with the positions (position
+            t scored against shift_labels[t]), instead of `labels`.
         """
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError(
-                "ZooRnn is recurrent and cannot skip padded positions (attention_mask has zeros): "
-                "pass unpadded inputs, e.g. one prompt at a time or prompts of equal length"
-            )
+        check_extra_inputs(type(self).__name__, output_attentions, kwargs)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         # Embed and score chunk by chunk: nothing context-sized is allocated besides the inputs themselves (not even
         # `split`'s tuple of views, which costs ~20 MB per million tokens).
         source = input_ids if inputs_embeds is None else inputs_embeds
         steps = source.shape[1]
         if steps == 0:
             raise ValueError(EMPTY_INPUT)
+        padding = padding_of(attention_mask, steps)
+        scoring = labels is not None or shift_labels is not None
         weight_dtype = self.model.embeddings.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
         loss_dtype = torch.promote_types(weight_dtype, torch.float32)  # never score in half precision
         loss_sum = torch.zeros((), dtype=loss_dtype, device=source.device)
         scored = 0
-        kept_logits = []
+        kept_logits, hidden_states = [], []
         keep_from = 0 if logits_to_keep == 0 else max(steps - logits_to_keep, 0)
-        for start in range(0, steps, self.config.chunk_size):
-            end = min(start + self.config.chunk_size, steps)
+        # hidden states are whole-sequence tensors anyway: then one call, so that each is the one the model used
+        span = steps if output_hidden_states else self.config.chunk_size
+        for start in range(0, steps, span):
+            end = min(start + span, steps)
             piece = source[:, start:end]
             chunk = self.model.embeddings(piece) if inputs_embeds is None else piece
-            out = self.model(inputs_embeds=chunk, state=state, use_cache=True)
+            chunk_mask = (
+                None if padding is None else (torch.arange(start, end, device=piece.device) >= padding[:, None])
+            )
+            out = self.model(
+                inputs_embeds=chunk,
+                state=state,
+                attention_mask=chunk_mask,
+                use_cache=True,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
             state = out.state
-            if labels is not None or end > keep_from:
+            if output_hidden_states:
+                hidden_states.append(out.hidden_states)
+            if scoring or end > keep_from:
                 logits = self.lm_head(out.last_hidden_state)
-                if labels is not None:
-                    chunk_targets = shifted_targets(labels, start, end)
+                if scoring:
+                    if shift_labels is not None:
+                        chunk_targets = shift_labels[:, start:end]
+                    else:
+                        chunk_targets = shifted_targets(labels, start, end)
+                    if chunk_mask is not None:  # a prediction made from padding is not the model's: never score it
+                        chunk_targets = chunk_targets.masked_fill(~chunk_mask, IGNORE_INDEX)
                     loss_sum = loss_sum + F.cross_entropy(
                         logits.to(loss_dtype).flatten(0, 1),
                         chunk_targets.flatten(),
@@ -490,10 +605,14 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
                 if end > keep_from:
                     kept_logits.append(logits[:, max(keep_from - start, 0) :])
         use_cache = use_cache if use_cache is not None else self.config.use_cache
+        loss = None
+        if scoring:
+            loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else scored)
         return ZooRnnCausalLMOutput(
-            loss=loss_sum / scored if labels is not None else None,
-            logits=torch.cat(kept_logits, dim=1),
+            loss=loss,
+            logits=kept_logits[0] if len(kept_logits) == 1 else torch.cat(kept_logits, dim=1),
             state=state if use_cache else None,
+            hidden_states=hidden_states[0] if output_hidden_states else None,
         )
 
     def stacked_loss(

@@ -1,6 +1,5 @@
-"""Train a ZooRnn language model: `accelerate launch -m hf_zoo_rnn.train [--config FILE] [--arg value ...]`.
-
-scripts/train.py is this, from a checkout. A mistake the user can fix (a config, the data, a checkpoint, a run that
+"""Train a ZooRnn language model: `accelerate launch -m hf_zoo_rnn.train [--config FILE] [--arg value ...]`, the
+console script `hf-zoo-rnn-train`, or scripts/train.py in a checkout. A mistake the user can fix (a config, the data, a checkpoint, a run that
 stalls) ends the run with one line naming its cause; under accelerate launch that line is also the root cause in
 torch elastic's failure report, instead of "To enable traceback see ...".
 """
@@ -10,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from .config_files import ConfigFileError
+from .config_files import ConfigFileError, command_name
 from .data import DataError
 from .training import TrainingStalledError, ZooTrainer, parse_arguments
 from .training.checkpoints import CheckpointError
@@ -23,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
         trainer = ZooTrainer(*parse_arguments(argv))
         trainer.train()
     except USER_ERRORS as error:
-        exit_with(f"train: error: {error}")
+        exit_with(f"{command_name()}: error: {error}")
     trainer.accelerator.end_training()  # flush the trackers and end the process group
 
 

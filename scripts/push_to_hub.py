@@ -1,48 +1,6 @@
-"""Push a trained output folder (model, tokenizer, card, loss curve) to the Hub, with retries.
+"""Push a trained output folder to the Hub: hf_zoo_rnn/push_to_hub.py, run from a checkout (installed: `hf-zoo-rnn-push`)."""
 
-python scripts/push_to_hub.py --folder outputs/default --repo_id you/zoo-lstm [--private] [--include_checkpoints]
-"""
-
-from dataclasses import dataclass, field
-from pathlib import Path
-
-from huggingface_hub import HfApi
-from transformers import HfArgumentParser
-
-from hf_zoo_rnn.hub import push_folder
-
-
-@dataclass
-class PushArguments:
-    folder: str = field(metadata={"help": "a training output folder"})
-    repo_id: str = field(metadata={"help": "owner/name of the model repo"})
-    private: bool = field(default=False, metadata={"help": "create the repo private"})
-    include_checkpoints: bool = field(
-        default=False, metadata={"help": "also push checkpoint-*/ with their resume state"}
-    )
-    token: str | None = field(default=None, metadata={"help": "token (default: HF_TOKEN or the saved login)"})
-    retries: int = field(default=5, metadata={"help": "retries with exponential back-off"})
-
-
-def main() -> None:
-    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses()
-    folder = Path(args.folder)
-    if not (folder / "config.json").is_file():
-        raise SystemExit(f"{folder} has no config.json: not a trained output folder")
-    ignore = [".tmp-*/*", ".hub-push-*/*", "tokenizer/*", "hf_zoo_rnn/*"]
-    if not args.include_checkpoints:
-        ignore.append("checkpoint-*/*")
-    url = push_folder(
-        HfApi(token=args.token),
-        folder,
-        args.repo_id,
-        args.private,
-        f"Upload {folder.name}",
-        ignore_patterns=ignore,
-        retries=args.retries,
-    )
-    print(url)
-
+from hf_zoo_rnn.push_to_hub import main
 
 if __name__ == "__main__":
     main()

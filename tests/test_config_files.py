@@ -7,6 +7,7 @@ import torch
 
 from hf_zoo_rnn import ZooRnnForCausalLM
 from hf_zoo_rnn.config_files import ConfigFileError, load_model_config
+from hf_zoo_rnn.training import parse_arguments
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
@@ -75,3 +76,13 @@ def test_missing_and_malformed_files_fail_clearly(tmp_path):
     path.write_text("- lstm\n")
     with pytest.raises(ConfigFileError, match="expected a mapping"):
         load_model_config(path)
+
+
+def test_built_in_configs_are_reachable_by_name_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the checkout, as an installed package is used
+    assert load_model_config("tiny") == load_model_config("configs/model/tiny.yaml")
+    assert load_model_config("tiny") == load_model_config(CONFIGS / "tiny.yaml")
+    with pytest.raises(ConfigFileError, match=r"config file not found: tinny \(built-in model configs: .*tiny"):
+        load_model_config("tinny")
+    model_args, _, train_args, _ = parse_arguments(["--config", "char-lm"])
+    assert model_args.model_config == "tiny" and train_args.optimizer == "zo"

@@ -125,7 +125,7 @@ def test_an_odd_probe_count_on_two_processes_is_the_root_cause_of_the_launch_fai
          "--num_probes", "3", "--max_steps", "1"],
         env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    message = "train: error: num_probes=3 is not divisible by the 2 processes"
+    message = "train.py: error: num_probes=3 is not divisible by the 2 processes"
     assert result.returncode != 0
     root_cause = result.stderr[result.stderr.index("Root Cause") :]
     assert f"traceback : {message}" in root_cause, result.stderr[-3000:]

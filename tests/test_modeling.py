@@ -149,13 +149,76 @@ def test_beam_search_and_sampling_run():
     assert torch.equal(first, second)
 
 
-def test_padded_attention_mask_is_rejected():
+def left_padded(prompts: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.full((width - len(p),), pad), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]) for p in prompts]).long()
+    return ids, mask
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"cell": "gru", "num_hidden_layers": 2, "layer_norm": True}], ids=["lstm", "gru-2"]
+)
+def test_a_left_padded_batch_computes_each_row_as_alone(overrides):
+    model = ZooRnnForCausalLM(small_config(**overrides)).double().eval()  # chunk_size 5: padding crosses chunks
+    prompts = [torch.randint(1, 64, (n,)) for n in (3, 13, 9, 1)]
+    ids, mask = left_padded(prompts, pad=0)
+    labels = ids.masked_fill(mask == 0, -100)
+    batch = model(ids, attention_mask=mask, labels=labels)
+    loss_sum, count = 0.0, 0
+    for row, prompt in enumerate(prompts):
+        alone = model(prompt[None], labels=prompt[None])
+        torch.testing.assert_close(batch.logits[row, -len(prompt) :], alone.logits[0], rtol=1e-10, atol=1e-10)
+        for got, expected in zip(batch.state, alone.state, strict=True):
+            torch.testing.assert_close(got[:, row], expected[:, 0], rtol=1e-10, atol=1e-10)
+        if len(prompt) > 1:  # a one-token prompt has no next-token target
+            loss_sum, count = loss_sum + alone.loss.item() * (len(prompt) - 1), count + len(prompt) - 1
+    assert batch.loss.item() == pytest.approx(loss_sum / count, rel=1e-10)
+    for options in ({"do_sample": False}, {"num_beams": 3, "do_sample": False}):
+        together = model.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, **options)
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(prompt[None], max_new_tokens=6, pad_token_id=0, **options)
+            assert torch.equal(together[row, ids.shape[1] :], alone[0, len(prompt) :]), (options, row)
+
+
+def test_padding_that_is_not_on_the_left_is_refused():
     model = ZooRnnForCausalLM(small_config()).eval()
     ids = torch.randint(0, 64, (2, 5))
     mask = torch.ones_like(ids)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="cannot skip padded positions"):
+    mask[0, 3] = 0
+    with pytest.raises(ValueError, match="honours left padding only .* a zero after a one"):
         model(ids, attention_mask=mask)
+
+
+def test_pipeline_generates_a_batch_of_prompts_of_different_lengths(bpe_tokenizer):
+    model = ZooRnnForCausalLM(small_config(vocab_size=len(bpe_tokenizer))).eval()
+    bpe_tokenizer.padding_side = "left"
+    prompts = ["Licensed", "the Apache License, Version", "you may not use this file except", "Unless required"]
+    generator = pipeline("text-generation", model=model, tokenizer=bpe_tokenizer)
+    options = {"max_new_tokens": 5, "do_sample": False, "return_full_text": False}
+    batched = [out[0]["generated_text"] for out in generator(prompts, batch_size=4, **options)]
+    assert batched == [generator(prompt, **options)[0]["generated_text"] for prompt in prompts]
+
+
+def test_transformers_output_contracts():
+    model = ZooRnnForCausalLM(small_config(num_hidden_layers=2, layer_norm=True)).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    out = model(ids, labels=ids, output_hidden_states=True)
+    assert len(out.hidden_states) == 3 and all(h.shape[:2] == (2, 12) for h in out.hidden_states)
+    torch.testing.assert_close(out.hidden_states[0], model.model.embeddings(ids))
+    torch.testing.assert_close(out.hidden_states[-1], model.model(ids).last_hidden_state)
+    loss, logits, state = model(ids, labels=ids, return_dict=False)[:3]
+    torch.testing.assert_close((loss, logits), (out.loss, out.logits))  # chunked vs whole-sequence matmuls
+    assert len(state) == 2
+    assert isinstance(model.model(ids, return_dict=False), tuple)
+    shifted = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    torch.testing.assert_close(model(ids, shift_labels=shifted).loss, out.loss)
+    torch.testing.assert_close(model(ids, labels=ids, num_items_in_batch=11).loss, out.loss * 22 / 11)
+    model(ids, position_ids=torch.arange(12)[None], output_attentions=False)  # what transformers passes: accepted
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['token_type_ids'\]"):
+        model(ids, token_type_ids=torch.zeros_like(ids))
+    with pytest.raises(ValueError, match="no attention layers"):
+        model(ids, output_attentions=True)
 
 
 def test_an_empty_input_is_one_clear_error():

@@ -17,7 +17,7 @@ from conftest import FAST_TRAINING, ROOT, TINY_MODEL, run_script, train_losses
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_zoo_rnn.config_files import ConfigFileError
+from hf_zoo_rnn.config_files import ConfigFileError, load_model_config
 from hf_zoo_rnn.hub import is_local_reference
 from hf_zoo_rnn.training import CheckpointError, TrainingStalledError, ZooTrainer, local_gradients, parse_arguments
 from hf_zoo_rnn.training import checkpoints as checkpoints_module
@@ -168,6 +168,9 @@ def test_sigkill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, m
     whole, resumed = final_weights(tmp_path / "whole"), final_weights(killed)
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    logged = [[r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+              for run in (tmp_path / "whole", killed)]  # fmt: skip
+    assert logged[0] == logged[1]  # the resumed run's log continues without repeating a step
 
 
 def test_bad_inputs_give_one_clear_error_and_keep_what_was_written(tmp_path):
@@ -265,8 +268,8 @@ def test_hybrid_settings_that_cannot_work_are_clear_errors(tmp_path):
 def test_every_training_config_parses(config):
     model_args, data_args, train_args, zo_config = parse_arguments(["--config", str(config)])
     assert train_args.output_dir.startswith("outputs/")
-    if model_args.model_config:
-        assert (ROOT / model_args.model_config).is_file()
+    if model_args.model_config:  # a built-in one by name: it loads from anywhere
+        load_model_config(model_args.model_config)
 
 
 def test_cli_overrides_the_config_file(tmp_path):
@@ -567,6 +570,6 @@ def test_train_module_ends_a_user_mistake_with_one_line(tmp_path):
         [sys.executable, "-m", "hf_zoo_rnn.train", *fast_args(tmp_path / "out", "--dataset", str(tmp_path / "no.txt"))],
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "TORCHELASTIC_ERROR_FILE": str(error_file)},
     )  # fmt: skip
-    message = f"train: error: data file not found: {tmp_path / 'no.txt'}"
+    message = f"train.py: error: data file not found: {tmp_path / 'no.txt'}"
     assert result.returncode == 1 and result.stderr.strip().endswith(message) and "Traceback" not in result.stderr
     assert json.loads(error_file.read_text())["message"] == message

@@ -1,6 +1,7 @@
 """Training arguments: dataclasses parsed by transformers' HfArgumentParser from a YAML file plus CLI overrides.
 
-`scripts/train.py --config configs/train/x.yaml --max_steps 10`: the YAML sets defaults, the command line wins.
+`scripts/train.py --config configs/train/x.yaml --max_steps 10` (or `--config x`, a built-in one by name): the YAML
+sets defaults, the command line wins.
 A key that no dataclass declares is an error naming the file and the key.
 """
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from ..config_files import ConfigFileError, check_known_keys, read_yaml
+from ..config_files import ConfigFileError, check_known_keys, config_path, read_yaml
 from ..data.corpus import VALIDATION_FRACTION
 from ..zo import ZOConfig
 from ..zo.optimizer import LR_SCHEDULES
@@ -28,7 +29,10 @@ DTYPES = ("auto", "float32", "bfloat16")
 @dataclass
 class ModelArguments:
     model_config: str | None = field(
-        default=None, metadata={"help": "YAML in configs/model; default: a 1-layer LSTM, 4 heads x 64, embedding 128"}
+        default=None,
+        metadata={
+            "help": "a model YAML, or a built-in one by name (tiny, small, ...; configs/model); default: a 1-layer LSTM, 4 heads x 64, embedding 128"
+        },
     )
     init_from: str | None = field(default=None, metadata={"help": "start from a trained folder or Hub repo"})
     dtype: str = field(
@@ -193,7 +197,7 @@ def parse_arguments(argv: list[str] | None = None):
         index = argv.index("--config")
         if index + 1 >= len(argv):
             raise ConfigFileError("--config needs a file path")
-        path = argv[index + 1]
+        path = str(config_path(argv[index + 1], "train"))
         del argv[index : index + 2]
         values = read_yaml(path)
         known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}

@@ -1,4 +1,4 @@
-"""Evaluation shared by the trainer and scripts/evaluate.py: clean loss / perplexity, and task exact match."""
+"""Evaluation shared by the trainer and hf_zoo_rnn/evaluate.py: clean loss / perplexity, and task exact match."""
 
 import math
 from collections.abc import Iterable

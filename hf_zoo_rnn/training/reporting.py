@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from huggingface_hub import ModelCard, ModelCardData  # noqa: E402
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "zoo_rnn.md"
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "zoo_rnn.md"  # package data
 
 
 def logged_metrics(output_dir: Path) -> list[dict]:

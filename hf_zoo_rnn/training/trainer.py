@@ -611,6 +611,9 @@ class ZooTrainer:
                 f"{folder} was written by {state['world_size']} processes with per_rank_batches; resume with the same number"
             )
         self.counters, self.history = state["counters"], state["history"]
+        if self.accelerator.is_main_process:  # a killed run logged past its checkpoint: this run logs those steps again
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
         process_file = folder / f"process_{self.rank if state['world_size'] == self.world_size else 0}.pt"
         try:
             process_state = torch.load(process_file, weights_only=False)
