@@ -223,6 +223,80 @@ def stacked_layer_norm(x, weight, bias, eps: float):
     return torch.addcmul(bias.view(shape), F.layer_norm(x, x.shape[-1:], eps=eps), weight.view(shape))
 
 
+def member_linear_change(x, change):
+    """x [M, ..., n] through each member's change of a Linear weight: (x B_m) A_m^T for a low-rank change A_m B_m^T
+    (nothing m x n is formed), x D_m^T for a dense one D [M, m, n]."""
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    if change[0] == "dense":
+        out = torch.bmm(rows, change[1].transpose(1, 2))
+    else:
+        out = torch.bmm(torch.bmm(rows, change[2]), change[1].transpose(1, 2))
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def member_lookup(change, ids: torch.Tensor) -> torch.Tensor:
+    """Each member's change of the embedding rows `ids` [B, t] -> [M, B, t, E]: A[ids] B^T, or the dense rows."""
+    if change[0] == "dense":
+        return change[1][:, ids]
+    _, a, b = change
+    return torch.matmul(a[:, ids].flatten(1, 2), b.transpose(1, 2)).view(a.shape[0], *ids.shape, b.shape[1])
+
+
+def member_values(base: torch.Tensor, change) -> torch.Tensor:
+    """[M, *shape]: a dense parameter (a bias, a norm) of every member: base + its change, or base shared."""
+    return base + change[1] if change is not None else base[None]
+
+
+def member_recurrence(cell: str, xb, R, b_hn, state, change):
+    """The recurrence of M members folded into the batch: xb [M, B, T, G, N, D] projected inputs with their
+    biases, R [G, N, D, D] shared, b_hn [M, N, D] (GRU: the bias inside the reset product; None for LSTM),
+    state [S, M, B, N, D]; `change` is the members' low-rank change of R,
+    ("lowrank", A [M, G, N, D, r], B [M, G, N, D, r]) or None. Per step one matmul of the shared R (every gate,
+    every member's rows; R dense where `cpu_path` makes the single-model forward dense too), plus (h B) A^T per
+    member and head. Returns (h of every step [M, B, T, N, D], state)."""
+    gates, heads, dim = R.shape[:3]
+    members, batch = state.shape[1:3]
+    dense = cpu_path(heads, heads * dim) == "dense"
+    r_all = block_diagonal(R).T if dense else R.permute(1, 3, 0, 2).reshape(heads, dim, gates * dim)
+    if change is not None:
+        if change[0] != "lowrank":
+            raise ValueError("members_loss takes the recurrent kernel's change as low-rank factors")
+        rank = change[1].shape[-1]
+        b_all = change[2].permute(0, 2, 3, 1, 4).reshape(members, heads, dim, gates * rank)  # [M, N, D_in, G r]
+        a_all = change[1].permute(0, 2, 1, 4, 3)  # [M, N, G, r, D_out]
+
+    def recurrent(h):  # h [M, B, N, D] -> every gate's R h, per member: [M, B, G, N, D]
+        if dense:
+            out = torch.matmul(h.reshape(members * batch, -1), r_all).view(members, batch, gates, heads, dim)
+        else:
+            rows = h.permute(2, 0, 1, 3).reshape(heads, members * batch, dim)
+            out = torch.matmul(rows, r_all).view(heads, members, batch, gates, dim).permute(1, 2, 3, 0, 4)
+        if change is not None:
+            projected = torch.einsum("mbnd,mndk->mbnk", h, b_all).view(members, batch, heads, gates, rank)
+            out = out + torch.einsum("mbngr,mngro->mbgno", projected, a_all)
+        return out
+
+    if cell == "lstm":
+        h, c = state[0], state[1]
+    else:
+        b_hn = b_hn[:, None]  # [M, 1, N, D]
+        h = state[0]
+    outputs = []
+    for x in xb.unbind(2):  # [M, B, G, N, D] per step
+        pre = recurrent(h)
+        if cell == "lstm":  # gates (i, f, z, o)
+            pre = pre.add_(x)
+            i, f, o = torch.sigmoid(pre[:, :, 0]), torch.sigmoid(pre[:, :, 1]), torch.sigmoid(pre[:, :, 3])
+            c = torch.addcmul(f * c, i, torch.tanh(pre[:, :, 2]))
+            h = o * torch.tanh(c)
+        else:  # R gates (n, r, z), input gates (r, z, n)
+            reset = torch.sigmoid(pre[:, :, 1] + x[:, :, 0])
+            update = torch.sigmoid(pre[:, :, 2] + x[:, :, 1])
+            h = torch.lerp(torch.tanh((pre[:, :, 0] + b_hn) * reset + x[:, :, 2]), h, update)
+        outputs.append(h)
+    return torch.stack(outputs, dim=2), (torch.stack((h, c)) if cell == "lstm" else h[None])
+
+
 def shifted_targets(labels: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Next-token targets of positions [start, end): labels[start + 1 : end + 1]; the last position has none."""
     targets = labels[:, start + 1 : end + 1]
@@ -345,6 +419,48 @@ class ZooRnnLayer(nn.Module):
         b = weights["bias"].transpose(0, 1)  # [G_b, P, N, D]
         h_all, state = self.recur(run_projected, wx.permute(1, 2, 3, 0, 4, 5), R, b, state)  # h_all [B, T, P, N, D]
         out = h_all.permute(2, 0, 1, 3, 4).reshape(models, batch, steps, heads * dim)
+        return (out + x if self.residual else out), state
+
+    def members_forward(self, x: torch.Tensor, changes: dict, state: torch.Tensor, shared_input=None):
+        """M perturbed copies of this layer sharing its weights, their inputs x [M, B, T, in] folded into one batch:
+        `changes` maps this layer's parameter names to ("lowrank", A, B) — the member's change of a matrix is
+        A B^T — or ("dense", [M, *shape]); absent means unchanged. state [S, M, B, N, D].
+
+        The projected inputs are one shared product plus, per member, one small matmul that adds every per-member
+        term at once: [low-rank inputs | 1] @ [their output factors ; the member's bias]. `shared_input`, for a
+        first layer without a pre-norm, is (x's shared part through W [B, T, out], lhs [M, B, T, k], rhs
+        [M, k, out]): the members' embedding changes through W, computed by the caller (members_loss)."""
+        members, batch, steps, _ = x.shape
+        normed = x
+        if self.norm is not None:
+            weight = member_values(self.norm.weight, changes.get("norm.weight"))
+            bias = member_values(self.norm.bias, changes.get("norm.bias"))
+            normed = stacked_layer_norm(x, weight.expand(members, -1), bias.expand(members, -1), self.norm.eps)
+        rows = normed.reshape(members, batch * steps, -1)
+        lhs, rhs = [], []
+        if shared_input is None:
+            base = F.linear(rows, self.input_proj.weight)
+        else:
+            base, first_lhs, first_rhs = shared_input
+            base = base.reshape(1, batch * steps, -1)
+            lhs.append(first_lhs.reshape(members, batch * steps, -1))
+            rhs.append(first_rhs)
+        change = changes.get("input_proj.weight")
+        if change is not None:
+            lhs.append(torch.bmm(rows, change[2]) if change[0] == "lowrank" else rows)
+            rhs.append(change[1].transpose(1, 2))
+        bias = member_values(self.bias, changes.get("bias")).expand(members, -1, -1, -1)
+        b_hn = None
+        if self.cell == "gru":  # (b_hn, b_r, b_z, b_in): b_hn acts inside the reset product, the rest on the input
+            b_hn, bias = bias[:, 0], bias[:, 1:]
+        lhs.append(rows.new_ones(members, batch * steps, 1))
+        rhs.append(bias.reshape(members, 1, -1))
+        xb = torch.baddbmm(base, torch.cat(lhs, 2), torch.cat(rhs, 1))
+        xb = xb.view(members, batch, steps, -1, self.num_heads, self.head_dim)
+        hidden, state = member_recurrence(
+            self.cell, xb, self.recurrent_kernel, b_hn, state, changes.get("recurrent_kernel")
+        )
+        out = hidden.reshape(members, batch, steps, -1)
         return (out + x if self.residual else out), state
 
     def recur(self, run, *inputs):
@@ -668,6 +784,80 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
         per_token = config.embedding_size + config.num_hidden_layers * config.hidden_size * (2 * input_gates + 2)
         per_token += 2 * config.vocab_size
         return weights + batch_size * min(steps, config.chunk_size) * per_token * 4
+
+    def members_loss(self, changes: dict, input_ids: torch.LongTensor, labels: torch.LongTensor) -> torch.Tensor:
+        """Losses of M perturbed copies of this model in one forward over [M x B] sequences, with no copy of the
+        weights: every member reads the shared parameters plus its own change. `changes` maps parameter names
+        (tied weights once, as `named_parameters()` lists them) to ("lowrank", A [M, *, m, r], B [M, *, n, r]) —
+        the member's change of a matrix is A B^T, of a stacked tensor such as the recurrent kernel [G, N, D, D] one
+        per block — or ("dense", [M, *shape]); absent parameters are unchanged. The change of an embedding row is
+        A[row] B^T, a lookup. Returns [M] losses; member m's equals `forward(input_ids, labels=labels).loss` with
+        its parameters, up to floating-point summation order (tested)."""
+        config = self.config
+        members = next(iter(changes.values()))[1].shape[0]
+        embedding_change = changes.get("model.embeddings.weight")
+        head_change = embedding_change if config.tie_word_embeddings else changes.get("lm_head.weight")
+        layer_changes = []
+        for i in range(config.num_hidden_layers):
+            prefix = f"model.layers.{i}."
+            layer_changes.append({k.removeprefix(prefix): v for k, v in changes.items() if k.startswith(prefix)})
+        batch = input_ids.shape[0]
+        state_shape = (CELL_SHAPES[config.cell][3], members, batch, config.num_heads, config.head_dim)
+        weight = self.model.embeddings.weight
+        states = [weight.new_zeros(state_shape) for _ in layer_changes]
+        loss_dtype = torch.promote_types(weight.dtype, torch.float32)
+        loss_sum = weight.new_zeros(members, dtype=loss_dtype)
+        scored, steps = 0, input_ids.shape[1]
+        for start in range(0, steps, config.chunk_size):
+            end = min(start + config.chunk_size, steps)
+            ids = input_ids[:, start:end]
+            embedded = self.model.embeddings(ids)  # [B, t, E], shared
+            hidden = embedded.expand(members, -1, -1, -1)  # [M, B, t, E]
+            if embedding_change is not None:
+                hidden = hidden + member_lookup(embedding_change, ids)
+            # Without a pre-norm the first layer's input projection is linear in the shared embedding: W e once for
+            # all members, and W A[ids] B^T = A[ids] (W B)^T per member, r numbers per token
+            first, shared_input = self.model.layers[0], None
+            if first.norm is None and (embedding_change is None or embedding_change[0] == "lowrank"):
+                weight = first.input_proj.weight
+                if embedding_change is None:
+                    lhs, rhs = embedded.new_zeros(members, *ids.shape, 0), weight.new_zeros(members, 0, weight.shape[0])
+                else:
+                    lhs = embedding_change[1][:, ids]  # [M, B, t, r]
+                    rhs = torch.matmul(weight, embedding_change[2]).transpose(1, 2)  # [M, r, out]
+                shared_input = (F.linear(embedded, weight), lhs, rhs)
+            for i, layer in enumerate(self.model.layers):
+                hidden, states[i] = layer.members_forward(
+                    hidden, layer_changes[i], states[i], shared_input if i == 0 else None
+                )
+            if self.model.norm_f is not None:
+                norm = self.model.norm_f
+                scale = member_values(norm.weight, changes.get("model.norm_f.weight")).expand(members, -1)
+                shift = member_values(norm.bias, changes.get("model.norm_f.bias")).expand(members, -1)
+                hidden = stacked_layer_norm(hidden, scale, shift, norm.eps)
+            logits = F.linear(hidden, self.lm_head.weight)  # [M, B, t, V]
+            if head_change is not None:
+                logits = logits + member_linear_change(hidden, head_change)
+            if self.lm_head.bias is not None:
+                logits = logits + member_values(self.lm_head.bias, changes.get("lm_head.bias"))[:, None, None]
+            chunk_targets = shifted_targets(labels, start, end)
+            scored += int((chunk_targets != IGNORE_INDEX).sum())
+            losses = F.cross_entropy(
+                logits.to(loss_dtype).flatten(0, 2),
+                chunk_targets.expand(members, -1, -1).flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            )
+            loss_sum += losses.view(members, -1).sum(1)
+        return loss_sum / scored
+
+    def members_bytes_per_member(self, batch_size: int, steps: int) -> int:
+        """Rough memory one more member adds to `members_loss`: one time chunk of its activations (no weights)."""
+        config = self.config
+        input_gates = CELL_SHAPES[config.cell][0]
+        per_token = config.embedding_size + config.num_hidden_layers * config.hidden_size * (2 * input_gates + 4)
+        per_token += 3 * config.vocab_size
+        return batch_size * min(steps, config.chunk_size) * per_token * 4
 
 
 __all__ = ["ZooRnnForCausalLM", "ZooRnnModel", "ZooRnnPreTrainedModel", "ZooRnnLayer"]

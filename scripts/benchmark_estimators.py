@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 READOUT = ["--local_gradient", "readout", "--num_probes", "16"]
 ONE_STEP = ["--local_gradient", "one_step"]
 NO_PROBES = ["--num_probes", "0"]
+LOW_RANK = ["--perturbation", "lowrank", "--perturbation_rank"]
 # name -> (train.py arguments, the probe-free baseline it builds on)
 METHODS: dict[str, tuple[list[str], str | None]] = {
     "pure_zo": (["--local_gradient", "none", "--num_probes", "16"], None),
@@ -73,7 +74,15 @@ METHODS: dict[str, tuple[list[str], str | None]] = {
         "one_step_only",
     ),  # fmt: skip
     "bptt_adamw": (["--optimizer", "bptt_adamw", "--bptt_lr", "3e-3", "--bptt_truncation", "32"], None),
+    # low-rank probes (EGGROLL): rank 1 and 4 at the pure method's K, and rank 1 at 16 x K as one batch per step
+    "pure_zo_lowrank_r1": (["--local_gradient", "none", "--num_probes", "16", *LOW_RANK, "1"], None),
+    "pure_zo_lowrank_r4": (["--local_gradient", "none", "--num_probes", "16", *LOW_RANK, "4"], None),
+    "pure_zo_lowrank_r1_k256": (
+        ["--local_gradient", "none", "--num_probes", "256", *LOW_RANK, "1", "--probes_per_forward", "0"],
+        None,
+    ),  # fmt: skip
 }
+OPTIONAL = ("readout+zo_forward_x16", "pure_zo_lowrank_r1", "pure_zo_lowrank_r4", "pure_zo_lowrank_r1_k256")
 SECTIONS = {
     "lm": {"arguments": ["--eval_batches", "4"], "metric": "eval_loss"},
     "memory": {
@@ -89,8 +98,8 @@ class EstimatorBenchmarkArguments:
         default_factory=lambda: ["lm", "memory", "cosine"], metadata={"help": "lm, memory, cosine"}
     )
     methods: list[str] = field(
-        default_factory=lambda: [m for m in METHODS if m != "readout+zo_forward_x16"],
-        metadata={"help": f"any of {list(METHODS)} (the x16 variant is for long budgets)"},
+        default_factory=lambda: [m for m in METHODS if m not in OPTIONAL],
+        metadata={"help": f"any of {list(METHODS)} (by default all but {list(OPTIONAL)})"},
     )
     seconds: float = field(default=150.0, metadata={"help": "training seconds per run"})
     jobs: int = field(default=2, metadata={"help": "runs at a time, each on one thread"})
@@ -217,21 +226,26 @@ def gradient_cosines(train_arguments: list[str], probes: tuple[int, ...] = (16, 
     ]
     model.requires_grad_(False)
     split = [p.numel() for p in model.parameters()]
-    for guide in ("none", "local"):
+    variants = {
+        "CD-RGE, isotropic": {},
+        "CD-RGE, guided by the one-step gradient (alpha 0.5)": {"guide": "local"},
+        "CD-RGE, low-rank r=1 (EGGROLL)": {"perturbation": "lowrank", "perturbation_rank": 1},
+        "CD-RGE, low-rank r=4 (EGGROLL)": {"perturbation": "lowrank", "perturbation_rank": 4},
+    }
+    for name, options in variants.items():
         for k in probes:
             values = []
             for seed in range(seeds):
-                config = ZOConfig(num_probes=k, eps=1e-4, lr=1.0, seed=seed, guide=guide)
+                config = ZOConfig(num_probes=k, eps=1e-4, lr=1.0, seed=seed, **options)
                 zo = ZOOptimizer(model, config)
                 before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
-                surrogates = [list(one_step.split(split))] if guide == "local" else ()
+                surrogates = [list(one_step.split(split))] if config.guide == "local" else ()
                 zo.step(lambda: model(input_ids, labels=labels, logits_to_keep=1).loss, surrogates=surrogates)
                 after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
                 values.append(cosine(before - after, true))
                 with torch.no_grad():  # back to theta for the next estimate
                     for param, piece in zip(model.parameters(), before.split(split), strict=True):
                         param.copy_(piece.view_as(param))
-            name = "CD-RGE, isotropic" if guide == "none" else "CD-RGE, guided by the one-step gradient (alpha 0.5)"
             rows.append({"estimator": name, "probes": k, "cosine": statistics.mean(values)})
     for row in rows:
         row["cosine"] = round(row["cosine"], 4)

@@ -9,9 +9,9 @@ import torch
 from conftest import small_config
 from torch import nn
 
-from hf_zoo_rnn import ZooRnnForCausalLM
+from hf_zoo_rnn import ZooRnnForCausalLM, modeling_zoo_rnn
 from hf_zoo_rnn.zo import Perturber, StackedLoss, ZOConfig, ZOOptimizer, noise, stream_seed, zo_parameters
-from hf_zoo_rnn.zo.directions import GuidedDirections, IsotropicDirections
+from hf_zoo_rnn.zo.directions import GuidedDirections, IsotropicDirections, LowRankDirections
 from hf_zoo_rnn.zo.estimator import probe_coefficients, projected_gradients, reported_loss
 from hf_zoo_rnn.zo.noise import splitmix64
 from hf_zoo_rnn.zo.optimizer import probes_per_forward
@@ -345,7 +345,7 @@ def test_buffer_mode_equals_replay_mode_in_one_process():
     assert bitwise_equal(*finals)
 
 
-def run_ranks(world_size, probes, mode, ids, steps=2):
+def run_ranks(world_size, probes, mode, ids, steps=2, **options):
     """world_size threads, each a replica with its own optimizer, exchanging only loss scalars."""
     barrier = threading.Barrier(world_size)
     slots: list = [None] * world_size
@@ -362,7 +362,7 @@ def run_ranks(world_size, probes, mode, ids, steps=2):
         return gather
 
     def worker(rank):
-        zo = ZOOptimizer(models[rank], ZOConfig(num_probes=probes, lr=0.1, update_mode=mode))
+        zo = ZOOptimizer(models[rank], ZOConfig(num_probes=probes, lr=0.1, update_mode=mode, **options))
         for _ in range(steps):
             zo.step(lm_loss(models[rank], ids), rank=rank, world_size=world_size, gather=gather_for(rank))
 
@@ -374,13 +374,14 @@ def run_ranks(world_size, probes, mode, ids, steps=2):
     return [snapshot(model) for model in models]
 
 
+@pytest.mark.parametrize("perturbation", ["full", "lowrank"])
 @pytest.mark.parametrize("mode", ["replay", "buffer"])
-def test_split_probes_give_identical_replicas_and_match_one_process(mode):
+def test_split_probes_give_identical_replicas_and_match_one_process(mode, perturbation):
     ids = torch.randint(0, 12, (4, 10))
     torch.set_num_threads(1)  # the same arithmetic in every replica's forward
     try:
-        (single,) = run_ranks(1, 8, mode, ids)
-        first, second = run_ranks(2, 8, mode, ids)
+        (single,) = run_ranks(1, 8, mode, ids, perturbation=perturbation)
+        first, second = run_ranks(2, 8, mode, ids, perturbation=perturbation)
     finally:
         torch.set_num_threads(2)
     assert bitwise_equal(first, second)  # every rank holds the same weights
@@ -573,3 +574,99 @@ def test_a_parameter_subset_moves_alone_and_a_given_clean_loss_saves_the_base_fo
         ZOOptimizer(tiny_lm(), ZOConfig(lr=1e-2), ["lm_head.gate"])
     with pytest.raises(ValueError, match="surrogates passed to step"):
         ZOOptimizer(tiny_lm(), ZOConfig(lr=1e-2, guide="local")).step(lm_loss(tiny_lm(), ids))
+
+
+# -- low-rank directions (EGGROLL) ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_low_rank_z_is_a_b_transposed_over_root_r_per_matrix_and_pieces_equal_the_whole(rank):
+    params = [torch.zeros(5, 7), torch.zeros(3, 2, 4, 4), torch.zeros(6)]  # a matrix, a recurrent kernel, a bias
+    directions = LowRankDirections(params, seed=3, distribution="rademacher", rank=rank, matrices=[True, True, False])
+    directions.step = 2
+    a, b = directions.factors(probe=1, index=0, batch=0)
+    assert a.shape == (5, rank) and b.shape == (7, rank) and set(a.unique().tolist()) <= {-1.0, 1.0}
+    assert torch.equal(directions.z(1, 0, 0, 35), (a @ b.T / math.sqrt(rank)).reshape(-1))
+    blocks = [directions.factors(1, 1, batch) for batch in range(6)]  # one D x D block per gate and head
+    expected = torch.stack([a @ b.T for a, b in blocks]).reshape(-1) / math.sqrt(rank)
+    torch.testing.assert_close(directions.z(1, 1, 0, 96), expected)
+    pieces = torch.cat([directions.z(1, 1, start, min(11, 96 - start)) for start in range(0, 96, 11)])
+    assert torch.equal(pieces, directions.z(1, 1, 0, 96))  # z does not depend on the chunking
+    isotropic = IsotropicDirections(params, seed=3, distribution="rademacher")
+    isotropic.step = 2
+    assert torch.equal(directions.z(1, 2, 0, 6), isotropic.z(1, 2, 0, 6))  # vectors keep full-rank noise
+    assert not torch.equal(directions.z(1, 0, 0, 35), directions.z(2, 0, 0, 35))
+
+
+def test_low_rank_z_has_identity_covariance_and_its_update_is_one_product():
+    params = [torch.zeros(4, 6)]
+    directions = LowRankDirections(params, seed=0, distribution="rademacher", rank=2, matrices=[True])
+    z = torch.stack([directions.z(probe, 0, 0, 24) for probe in range(4000)])
+    covariance = z.T @ z / len(z)
+    assert (covariance - torch.eye(24)).abs().max() < 0.1  # E[z z^T] = I, as for isotropic probes (4000 samples)
+    coefficients = [0.5, -2.0, 0.0, 1.25]
+    combined = torch.zeros(24)
+    directions.add_combination(combined, range(4), coefficients, 0, 0, 24)
+    expected = sum(c * directions.z(probe, 0, 0, 24) for probe, c in enumerate(coefficients))
+    torch.testing.assert_close(combined, expected)
+    piece = torch.zeros(9)
+    directions.add_combination(piece, range(4), coefficients, 0, 7, 9)  # rows 1-2 of the matrix, partly
+    torch.testing.assert_close(piece, expected[7:16])
+
+
+def test_low_rank_probes_learn_and_refuse_what_they_cannot_combine():
+    ids = torch.randint(0, 12, (4, 10))
+    model = tiny_lm()
+    options = {"perturbation": "lowrank", "perturbation_rank": 2, "update_rule": "adam"}
+    zo = ZOOptimizer(model, ZOConfig(num_probes=16, lr=0.05, **options))
+    first = lm_loss(model, ids)().item()
+    for _ in range(60):
+        zo.step(lm_loss(model, ids))
+    assert lm_loss(model, ids)().item() < first - 0.5
+    with pytest.raises(ValueError, match="lowrank perturbations need .* isotropic probes"):
+        ZOConfig(lr=0.1, perturbation="lowrank", guide="updates")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"cell": "gru", "num_hidden_layers": 2, "layer_norm": True, "output_bias": True},
+     {"num_hidden_layers": 2, "residual": True, "tie_word_embeddings": True}],
+    ids=["lstm", "gru-2-norm", "lstm-2-tied"],
+)  # fmt: skip
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("cpu_path", ["dense", "loop"])
+def test_low_rank_members_in_one_batch_give_each_perturbed_models_loss(overrides, rank, cpu_path, monkeypatch):
+    if cpu_path == "loop":  # the head-major recurrence that layers wider than DENSE_MAX_HIDDEN run
+        monkeypatch.setattr(modeling_zoo_rnn, "DENSE_MAX_HIDDEN", 0)
+    config = small_config(vocab_size=12, embedding_size=16, num_heads=2, head_dim=8, **overrides)
+    model = ZooRnnForCausalLM(config).double().eval().requires_grad_(False)
+    ids = torch.randint(0, 12, (3, 11))  # chunk_size 5: the state crosses chunks
+    zo = ZOOptimizer(model, ZOConfig(num_probes=4, lr=0.1, perturbation="lowrank", perturbation_rank=rank))
+    # one model at a time, z = A B^T / sqrt(r) is formed in fp32 (as for every dtype); rank 1 has no rounding there
+    tolerance = 1e-10 if rank == 1 else 1e-8
+    zo.directions.step = 5
+    scales = (0.05, -0.05)
+    changes = zo.perturber.members(range(4), scales)
+    batched = model.members_loss(dict(zip(zo.names, changes, strict=True)), ids, ids)
+    zo.perturber.snapshot()
+    for probe in range(4):
+        for k, scale in enumerate(scales):
+            zo.perturber.perturb(probe, scale)
+            alone = model(ids, labels=ids).loss
+            zo.perturber.restore()
+            torch.testing.assert_close(batched[probe * 2 + k], alone, rtol=tolerance, atol=tolerance)
+    assert batched.unique().numel() == 8  # every member really differs
+
+
+def test_low_rank_step_in_one_batch_equals_the_sequential_step():
+    ids = torch.randint(0, 12, (4, 10))
+    finals = []
+    for per_forward in (1, 0):
+        model = tiny_lm(torch.float64)
+        config = ZOConfig(num_probes=6, lr=0.1, perturbation="lowrank", probes_per_forward=per_forward)
+        zo = ZOOptimizer(model, config)
+        for _ in range(2):
+            members = StackedLoss.members_of_model(model, zo.names, ids, ids) if per_forward != 1 else None
+            zo.step(lm_loss(model, ids), stacked_loss=members)
+        finals.append(snapshot(model))
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-10) for a, b in zip(*finals, strict=True))

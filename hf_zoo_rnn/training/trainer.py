@@ -443,8 +443,9 @@ class ZooTrainer:
             return model(input_ids, labels=labels, logits_to_keep=1).loss
 
         stacked = None
-        if self.zo_config.probes_per_forward != 1:
-            stacked = StackedLoss.of_model(self.accelerator.unwrap_model(model), self.zo.names, input_ids, labels)
+        if self.zo_config.probes_per_forward != 1:  # several probes per forward: low-rank as one batch, else stacked
+            build = StackedLoss.members_of_model if self.zo_config.perturbation == "lowrank" else StackedLoss.of_model
+            stacked = build(self.accelerator.unwrap_model(model), self.zo.names, input_ids, labels)
         # with per-process batches the clean losses differ by process; the probes' base must be each one's own
         stats = self.zo.step(
             loss_fn,

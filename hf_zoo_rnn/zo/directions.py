@@ -4,6 +4,7 @@ Both families are functions of (run seed, step, probe, tensor, element) and of s
 identically, so every process, every resume and every chunking regenerates the same z; nothing is stored per probe.
 
 * isotropic: z ~ Rademacher or Gaussian, E[z z^T] = I (the paper's CD-RGE).
+* low-rank (EGGROLL): a matrix's z is A B^T / sqrt(r) from the probe's seed; vectors isotropic (LowRankDirections).
 * guided (Guided ES, Maheswaranathan et al. 2019): z = sqrt(alpha) z_iso + sqrt((1 - alpha) n / k) U^T zeta with U
   the k orthonormal rows spanning the surrogate directions over the n ZO parameters and zeta ~ N(0, I_k) from
   the probe's own seed. E[z z^T] = alpha I + (1 - alpha) (n / k) U^T U has the isotropic trace n and is positive
@@ -30,6 +31,14 @@ class IsotropicDirections:
         """fp32 elements [start, start + length) of tensor `index`'s z for `probe` of the current step."""
         stream = stream_seed(self.seed, self.step, probe, index)
         return noise(stream, start, length, self.distribution, self.params[index].device)
+
+    def add_combination(self, out: torch.Tensor, probes: Sequence[int], coefficients: Sequence[float], index: int,
+                        start: int, length: int) -> None:  # fmt: skip
+        """out += sum_i c_i z_i over elements [start, start + length) of tensor `index`, in probe order (the
+        update replays the probes' z from their seeds)."""
+        for probe, c in zip(probes, coefficients, strict=True):
+            if c != 0:
+                out.add_(self.z(probe, index, start, length), alpha=c)
 
 
 class GuidedDirections(IsotropicDirections):
@@ -74,3 +83,65 @@ class GuidedDirections(IsotropicDirections):
         zeta = noise(stream_seed(self.seed, self.step, probe, self.zeta_index), 0, k, "gaussian", isotropic.device)
         guided = zeta @ self.basis[index][:, start : start + length]
         return isotropic.mul_(math.sqrt(self.alpha)).add_(guided, alpha=math.sqrt((1 - self.alpha) * self.total / k))
+
+
+class LowRankDirections(IsotropicDirections):
+    """EGGROLL's low-rank directions (Sarkar et al. 2025): a matrix's z is A B^T / sqrt(r), with A [m, r] and B [n, r]
+    drawn from the probe's seed; a tensor of more dimensions is a batch of matrices over its last two (the
+    recurrent kernel [G, N, D, D]: one D x D block per gate and head, so the block-diagonal structure stays).
+    `matrices` says which tensors are; the others (biases, norms) keep isotropic z. Each element of A B^T / sqrt(r) has unit variance and E[z z^T] = I,
+    as for isotropic z, so the estimate keeps its expectation; a probe is r (m + n) random numbers per matrix,
+    and sum_i c_i z_i is one matmul of the stacked factors, never a dense z per probe."""
+
+    def __init__(
+        self, params: Sequence[torch.Tensor], seed: int, distribution: str, rank: int, matrices: Sequence[bool]
+    ):
+        if rank < 1:
+            raise ValueError(f"perturbation_rank must be at least 1, got {rank}")
+        if any(is_matrix and p.ndim < 2 for p, is_matrix in zip(params, matrices, strict=True)):
+            raise ValueError("a low-rank tensor needs at least two dimensions")
+        super().__init__(params, seed, distribution)
+        self.rank, self.matrices = rank, list(matrices)
+
+    def is_low_rank(self, index: int) -> bool:
+        return self.matrices[index]
+
+    def factors(self, probe: int, index: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [m, r], B [n, r]) of matrix `batch` of tensor `index` for `probe`: A's elements come first in the
+        tensor's stream, then B's, each matrix's in order."""
+        *leading, m, n = self.params[index].shape
+        matrices, r = math.prod(leading), self.rank
+        stream = stream_seed(self.seed, self.step, probe, index)
+        device = self.params[index].device
+        a = noise(stream, batch * m * r, m * r, self.distribution, device).view(m, r)
+        b = noise(stream, matrices * m * r + batch * n * r, n * r, self.distribution, device).view(n, r)
+        return a, b
+
+    def z(self, probe: int, index: int, start: int, length: int) -> torch.Tensor:
+        if not self.is_low_rank(index):
+            return super().z(probe, index, start, length)
+        return self.products([probe], [1.0], index, start, length)
+
+    def add_combination(self, out, probes, coefficients, index, start, length) -> None:
+        if not self.is_low_rank(index):
+            super().add_combination(out, probes, coefficients, index, start, length)
+        else:
+            out.add_(self.products(probes, coefficients, index, start, length))
+
+    def products(self, probes: Sequence[int], coefficients: Sequence[float], index: int, start: int, length: int):
+        """sum_i c_i A_i B_i^T / sqrt(r) over elements [start, start + length): per matrix one matmul,
+        (c_1 A_1 | ... | c_K A_K) (B_1 | ... | B_K)^T, of the rows the piece covers only."""
+        m, n = self.params[index].shape[-2:]
+        first_row, last_row = start // n, (start + length - 1) // n
+        pieces = []
+        for batch in range(first_row // m, last_row // m + 1):
+            low, high = max(first_row, batch * m) - batch * m, min(last_row + 1, (batch + 1) * m) - batch * m
+            a_rows, b_all = [], []
+            for probe, c in zip(probes, coefficients, strict=True):
+                a, b = self.factors(probe, index, batch)
+                a_rows.append(a[low:high] * c)
+                b_all.append(b)
+            pieces.append((torch.cat(a_rows, dim=1) @ torch.cat(b_all, dim=1).T).reshape(-1))
+        flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        offset = start - first_row * n
+        return flat[offset : offset + length].div_(math.sqrt(self.rank))

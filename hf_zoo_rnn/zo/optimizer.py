@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from .directions import GuidedDirections, IsotropicDirections
+from .directions import GuidedDirections, IsotropicDirections, LowRankDirections
 from .estimator import DIFFERENCES, finite_probes, probe_coefficients, projected_gradients, reported_loss
 from .noise import DISTRIBUTIONS
 from .perturb import Perturber, compute_dtype, zo_parameters
@@ -37,6 +37,7 @@ UPDATE_MODES = ("replay", "buffer")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 EPS_SCHEDULES = ("constant", "linear", "cosine")  # no warm-up: eps = 0 would divide the difference by zero
 GUIDES = ("none", "updates", "local", "local+updates")
+PERTURBATIONS = ("full", "lowrank")
 
 
 @dataclass
@@ -76,6 +77,14 @@ class ZOConfig:
     stacked_memory_mb: float = field(
         default=1024.0, metadata={"help": "memory budget of the stacked models when probes_per_forward is 0"}
     )
+    perturbation: str = field(
+        default="full",
+        metadata={
+            "help": "full (every element its own random number) or lowrank (EGGROLL: each matrix perturbed by "
+            "A B^T / sqrt(r), vectors in full)"
+        },
+    )
+    perturbation_rank: int = field(default=1, metadata={"help": "r of lowrank perturbations"})
     guide: str = field(
         default="none",
         metadata={
@@ -96,6 +105,7 @@ class ZOConfig:
             "lr_schedule": LR_SCHEDULES,
             "eps_schedule": EPS_SCHEDULES,
             "guide": GUIDES,
+            "perturbation": PERTURBATIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -114,6 +124,11 @@ class ZOConfig:
             )
         if self.eps <= 0:
             raise ValueError(f"ZOConfig.eps must be positive, got {self.eps}")
+        if self.perturbation == "lowrank" and (self.guide != "none" or self.perturbation_rank < 1):
+            raise ValueError(
+                f"ZOConfig: lowrank perturbations need perturbation_rank >= 1 (got {self.perturbation_rank}) and "
+                f"isotropic probes (guide='none', got {self.guide!r})"
+            )
         if not 0 < self.guide_alpha <= 1 or self.guide_history < 1:
             raise ValueError(
                 f"ZOConfig.guide_alpha must be in (0, 1] and guide_history >= 1, got {self.guide_alpha} and "
@@ -140,8 +155,9 @@ def schedule(name: str, warmup_steps: int, total_steps: int | None) -> Callable[
 class StackedLoss:
     """How to evaluate several perturbed models in one forward (e.g. `ZooRnnForCausalLM.stacked_loss`)."""
 
-    fn: Callable[[list[torch.Tensor]], torch.Tensor]  # one [M, *shape] stack per ZO tensor -> the M models' losses
-    bytes_per_model: int  # what one more stacked model costs in memory (weights + activations)
+    fn: Callable[[list], torch.Tensor]  # per ZO tensor, the M models' values (or changes) -> their M losses
+    bytes_per_model: int  # what one more model costs in memory
+    members: bool = False  # fn takes low-rank changes (Perturber.members), not stacked weights (Perturber.stacked)
 
     @classmethod
     def of_model(cls, model: nn.Module, names: list[str], input_ids: torch.Tensor, labels: torch.Tensor):
@@ -150,6 +166,16 @@ class StackedLoss:
         return cls(
             fn=lambda points: model.stacked_loss(dict(zip(names, points, strict=True)), input_ids, labels),
             bytes_per_model=model.stacked_bytes_per_model(*input_ids.shape),
+        )
+
+    @classmethod
+    def members_of_model(cls, model: nn.Module, names: list[str], input_ids: torch.Tensor, labels: torch.Tensor):
+        """Low-rank probes as one batch: `members_loss(changes, input_ids, labels)` (shared weights plus each
+        member's change, no copies) and `members_bytes_per_member(batch, steps)`, as `ZooRnnForCausalLM` has."""
+        return cls(
+            fn=lambda changes: model.members_loss(dict(zip(names, changes, strict=True)), input_ids, labels),
+            bytes_per_model=model.members_bytes_per_member(*input_ids.shape),
+            members=True,
         )
 
 
@@ -206,7 +232,12 @@ class ZOOptimizer:
             raise ValueError("ZOOptimizer needs at least one parameter and one probe")
         self.names = [name for name, _ in named]
         self.params = [param for _, param in named]
-        if config.guide == "none":
+        if config.perturbation == "lowrank":  # matrices: every tensor of two or more dimensions but a bias
+            matrices = [param.ndim >= 2 and not name.endswith("bias") for name, param in named]
+            self.directions = LowRankDirections(
+                self.params, config.seed, config.distribution, config.perturbation_rank, matrices
+            )
+        elif config.guide == "none":
             self.directions = IsotropicDirections(self.params, config.seed, config.distribution)
         else:
             self.directions = GuidedDirections(self.params, config.seed, config.distribution, config.guide_alpha)
@@ -251,6 +282,8 @@ class ZOOptimizer:
         config = self.config
         if config.probes_per_forward != 1 and stacked_loss is None:
             raise ValueError(f"ZOConfig.probes_per_forward={config.probes_per_forward} needs a stacked_loss")
+        if stacked_loss is not None and stacked_loss.members != (config.perturbation == "lowrank"):
+            raise ValueError("low-rank probes are evaluated as members of one batch, full-rank ones as stacked models")
         if config.num_probes % world_size:
             raise ValueError(f"num_probes={config.num_probes} is not divisible by the {world_size} processes")
         if config.guided_by_local_gradient != bool(surrogates):
@@ -320,11 +353,7 @@ class ZOOptimizer:
         if group == 1:
             self.perturber.snapshot()
             for row, probe in enumerate(owned):
-                z_cache = (
-                    [self.perturber.z(probe, i, 0, p.numel()) for i, p in enumerate(self.params)]
-                    if use_buffer
-                    else None
-                )
+                z_cache = self.probe_z(probe) if use_buffer else None
                 for column, scale in enumerate(scales):
                     self.perturber.perturb(probe, scale, z_cache)
                     local[row, column] = timed_losses(loss_fn)
@@ -337,7 +366,12 @@ class ZOOptimizer:
         else:
             for first in range(0, len(owned), group):
                 rows = range(first, min(first + group, len(owned)))
-                points, z_cache = self.perturber.stacked([owned[r] for r in rows], scales, use_buffer)
+                probes = [owned[r] for r in rows]
+                if stacked_loss.members:
+                    points = self.perturber.members(probes, scales)
+                    z_cache = [self.probe_z(probe) for probe in probes] if use_buffer else None
+                else:
+                    points, z_cache = self.perturber.stacked(probes, scales, use_buffer)
                 local[first : rows.stop, : len(scales)] = timed_losses(stacked_loss.fn, points).view(-1, len(scales))
                 del points
                 if base is not None:
@@ -346,6 +380,10 @@ class ZOOptimizer:
                     for row, z in zip(rows, z_cache, strict=True):
                         self.accumulate(partial, z, local[row], eps)
         return local, partial, forward_seconds, base_forwards
+
+    def probe_z(self, probe: int) -> list[torch.Tensor]:
+        """One probe's whole z, flat, per tensor (buffer mode keeps it for the update)."""
+        return [self.perturber.z(probe, i, 0, p.numel()) for i, p in enumerate(self.params)]
 
     def statistics(self, first, second, kept, eps, lr, update_norm, forward_passes, **seconds) -> ZOStepStats:
         """What the step did, from the gathered losses; `seconds` are the step's three timings."""
@@ -417,10 +455,8 @@ class ZOOptimizer:
         return math.sqrt(squared_norm)
 
     def replay_into(self, out, probes: Sequence[int], coefficients, index, start, length) -> None:
-        for probe in probes:
-            c = coefficients[probe].item()
-            if c != 0:
-                out.add_(self.perturber.z(probe, index, start, length), alpha=c)
+        chosen = [coefficients[probe].item() for probe in probes]
+        self.directions.add_combination(out, probes, chosen, index, start, length)
 
     def direction(self, index: int, start: int, length: int, g_hat: torch.Tensor, t: int) -> torch.Tensor:
         """The optimiser's step direction for one piece (before multiplying by lr)."""

@@ -10,6 +10,7 @@ Tensors are visited in chunks of at most `max_chunk_elements`, so the temporary 
 bounded; z itself does not depend on the chunking (see noise.py).
 """
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -99,6 +100,34 @@ class Perturber:
                     kept[j].append(torch.cat(pieces))
             stacks.append(stack.view(rows, *param.shape))
         return stacks, (kept if keep_z else None)
+
+    @torch.no_grad()
+    def members(self, probes: Sequence[int], scales: Sequence[float]) -> list[tuple]:
+        """The change scale * z_j of every (probe j, scale) member, probe-major, per tensor, for a model's
+        `members_loss`: ("lowrank", A [M, *, m, r] with scale / sqrt(r) folded in, B [M, *, n, r]) for the tensors
+        the directions perturb by low-rank products, ("dense", [M, *shape]) for the others. theta is not touched."""
+        changes = []
+        for index, param in enumerate(self.params):
+            dtype = compute_dtype(param)
+            if self.directions.is_low_rank(index):
+                *leading, _, _ = param.shape
+                a_rows, b_rows = [], []
+                for probe in probes:
+                    factors = [self.directions.factors(probe, index, block) for block in range(math.prod(leading))]
+                    a = torch.stack([f[0] for f in factors]).view(*leading, *factors[0][0].shape).to(dtype)
+                    b = torch.stack([f[1] for f in factors]).view(*leading, *factors[0][1].shape).to(dtype)
+                    for scale in scales:
+                        a_rows.append(a * (scale / math.sqrt(self.directions.rank)))
+                        b_rows.append(b)
+                changes.append(("lowrank", torch.stack(a_rows), torch.stack(b_rows)))
+            else:
+                stack = torch.empty((len(probes) * len(scales), param.numel()), dtype=dtype, device=param.device)
+                for j, probe in enumerate(probes):
+                    z = torch.cat([self.z(probe, index, start, length) for start, length in self.chunks(index)])
+                    for k, scale in enumerate(scales):
+                        stack[j * len(scales) + k] = z.to(dtype) * scale
+                changes.append(("dense", stack.view(-1, *param.shape)))
+        return changes
 
     @torch.no_grad()
     def restore(self) -> None:
