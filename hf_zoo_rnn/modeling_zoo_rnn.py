@@ -297,6 +297,19 @@ def member_recurrence(cell: str, xb, R, b_hn, state, change):
     return torch.stack(outputs, dim=2), (torch.stack((h, c)) if cell == "lstm" else h[None])
 
 
+def per_model_loss_sums(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of each of M models' logits [M, B, t, V] against the shared targets [B, t], and the
+    number of scored positions per model."""
+    models = logits.shape[0]
+    losses = F.cross_entropy(
+        logits.to(dtype).flatten(0, 2),
+        targets.expand(models, -1, -1).flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return losses.view(models, -1).sum(1), int((targets != IGNORE_INDEX).sum())
+
+
 def shifted_targets(labels: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Next-token targets of positions [start, end): labels[start + 1 : end + 1]; the last position has none."""
     targets = labels[:, start + 1 : end + 1]
@@ -764,15 +777,9 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
                 weight, bias = parameters["model.norm_f.weight"], parameters["model.norm_f.bias"]
                 hidden = stacked_layer_norm(hidden, weight, bias, config.layer_norm_eps)
             logits = stacked_linear(hidden, head_weight, head_bias)  # [P, B, t, V]
-            chunk_targets = shifted_targets(labels, start, end)
-            scored += int((chunk_targets != IGNORE_INDEX).sum())
-            losses = F.cross_entropy(
-                logits.to(loss_dtype).flatten(0, 2),
-                chunk_targets.expand(models, -1, -1).flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            )
-            loss_sum += losses.view(models, -1).sum(1)
+            chunk_sums, chunk_scored = per_model_loss_sums(logits, shifted_targets(labels, start, end), loss_dtype)
+            loss_sum += chunk_sums
+            scored += chunk_scored
         return loss_sum / scored
 
     def stacked_bytes_per_model(self, batch_size: int, steps: int) -> int:
@@ -840,15 +847,9 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
                 logits = logits + member_linear_change(hidden, head_change)
             if self.lm_head.bias is not None:
                 logits = logits + member_values(self.lm_head.bias, changes.get("lm_head.bias"))[:, None, None]
-            chunk_targets = shifted_targets(labels, start, end)
-            scored += int((chunk_targets != IGNORE_INDEX).sum())
-            losses = F.cross_entropy(
-                logits.to(loss_dtype).flatten(0, 2),
-                chunk_targets.expand(members, -1, -1).flatten(),
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            )
-            loss_sum += losses.view(members, -1).sum(1)
+            chunk_sums, chunk_scored = per_model_loss_sums(logits, shifted_targets(labels, start, end), loss_dtype)
+            loss_sum += chunk_sums
+            scored += chunk_scored
         return loss_sum / scored
 
     def members_bytes_per_member(self, batch_size: int, steps: int) -> int:

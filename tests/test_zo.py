@@ -266,12 +266,14 @@ def test_nan_probes_are_dropped_and_all_nan_skips_the_step():
     assert bitwise_equal(snapshot(model), before)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam", "adam-lowrank"])
 def test_state_dict_round_trip_continues_identically(optimizer):
     ids = torch.randint(0, 12, (4, 10))
+    rule, _, perturbation = optimizer.partition("-")
     config = ZOConfig(
-        num_probes=4, lr=0.05, update_rule=optimizer, weight_decay=0.01, lr_schedule="cosine", total_steps=10
-    )
+        num_probes=4, lr=0.05, update_rule=rule, weight_decay=0.01, lr_schedule="cosine", total_steps=10,
+        perturbation=perturbation or "full",
+    )  # fmt: skip
     model = tiny_lm()
     zo = ZOOptimizer(model, config)
     for _ in range(3):
@@ -363,8 +365,12 @@ def run_ranks(world_size, probes, mode, ids, steps=2, **options):
 
     def worker(rank):
         zo = ZOOptimizer(models[rank], ZOConfig(num_probes=probes, lr=0.1, update_mode=mode, **options))
+        members = None
+        if zo.config.probes_per_forward != 1:  # low-rank probes as one batch, each process its share
+            members = StackedLoss.members_of_model(models[rank], zo.names, ids, ids)
         for _ in range(steps):
-            zo.step(lm_loss(models[rank], ids), rank=rank, world_size=world_size, gather=gather_for(rank))
+            zo.step(lm_loss(models[rank], ids), rank=rank, world_size=world_size, gather=gather_for(rank),
+                    stacked_loss=members)  # fmt: skip
 
     threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(world_size)]
     for thread in threads:
@@ -374,14 +380,21 @@ def run_ranks(world_size, probes, mode, ids, steps=2, **options):
     return [snapshot(model) for model in models]
 
 
-@pytest.mark.parametrize("perturbation", ["full", "lowrank"])
+PROBE_KINDS = {
+    "full": {},
+    "lowrank": {"perturbation": "lowrank"},
+    "lowrank_batched": {"perturbation": "lowrank", "probes_per_forward": 0},
+}
+
+
+@pytest.mark.parametrize("kind", PROBE_KINDS)
 @pytest.mark.parametrize("mode", ["replay", "buffer"])
-def test_split_probes_give_identical_replicas_and_match_one_process(mode, perturbation):
+def test_split_probes_give_identical_replicas_and_match_one_process(mode, kind):
     ids = torch.randint(0, 12, (4, 10))
     torch.set_num_threads(1)  # the same arithmetic in every replica's forward
     try:
-        (single,) = run_ranks(1, 8, mode, ids, perturbation=perturbation)
-        first, second = run_ranks(2, 8, mode, ids, perturbation=perturbation)
+        (single,) = run_ranks(1, 8, mode, ids, **PROBE_KINDS[kind])
+        first, second = run_ranks(2, 8, mode, ids, **PROBE_KINDS[kind])
     finally:
         torch.set_num_threads(2)
     assert bitwise_equal(first, second)  # every rank holds the same weights
