@@ -551,12 +551,13 @@ def test_local_data_validates_on_held_out_documents_or_the_named_validation_data
     assert len(run_script("generate.py", "--model", model, "--prompt", "", "--max_new_tokens", "5").stdout) > 0
     other = tmp_path / "other.txt"
     other.write_text("a different text entirely. " * 200)
-    run(fast_args(tmp_path / "named", *base, "--validation_dataset", str(other)))
+    run(fast_args(tmp_path / "named", *base, "--validation_dataset", str(other), "--perturbation", "lowrank"))
     card = (tmp_path / "named" / "README.md").read_text()
     assert (
         f"trained on {data}: all of it" in card
         and f"Final evaluation on {other}: all of it (--validation_dataset)" in card
     )
+    assert "probes per step | 4 (rademacher, central difference, low-rank matrices r = 1)" in card
     caplog.clear()
     with caplog.at_level("WARNING"):
         final = run(fast_args(tmp_path / "tiny", *base, "--validation_fraction", "0.001", "--context_length", "128"))
