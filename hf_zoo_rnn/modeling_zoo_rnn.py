@@ -297,6 +297,15 @@ def member_recurrence(cell: str, xb, R, b_hn, state, change):
     return torch.stack(outputs, dim=2), (torch.stack((h, c)) if cell == "lstm" else h[None])
 
 
+def by_layer(values: dict, num_layers: int) -> list[dict]:
+    """Split a parameter-name -> value mapping into one mapping per layer, keyed by the name inside the layer."""
+    layers = []
+    for i in range(num_layers):
+        prefix = f"model.layers.{i}."
+        layers.append({k.removeprefix(prefix): v for k, v in values.items() if k.startswith(prefix)})
+    return layers
+
+
 def per_model_loss_sums(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of each of M models' logits [M, B, t, V] against the shared targets [B, t], and the
     number of scored positions per model."""
@@ -352,7 +361,7 @@ def check_extra_inputs(name: str, output_attentions: bool | None, extra: dict) -
     """Accept what transformers passes to every model on purpose; refuse anything else instead of ignoring it."""
     if output_attentions:
         raise ValueError(f"{name} has no attention layers: output_attentions=True has nothing to return")
-    unknown = sorted(key for key, value in extra.items() if key not in IGNORED_INPUTS)
+    unknown = sorted(key for key in extra if key not in IGNORED_INPUTS)
     if unknown:
         raise TypeError(f"{name}.forward got unexpected keyword argument(s) {unknown}")
 
@@ -759,10 +768,7 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
         models, batch = embeddings.shape[0], input_ids.shape[0]
         head_weight = embeddings if config.tie_word_embeddings else parameters["lm_head.weight"]
         head_bias = parameters.get("lm_head.bias")
-        layer_weights = []
-        for i in range(config.num_hidden_layers):
-            prefix = f"model.layers.{i}."
-            layer_weights.append({k.removeprefix(prefix): v for k, v in parameters.items() if k.startswith(prefix)})
+        layer_weights = by_layer(parameters, config.num_hidden_layers)
         state_shape = (CELL_SHAPES[config.cell][3], batch, models, config.num_heads, config.head_dim)
         states = [embeddings.new_zeros(state_shape) for _ in layer_weights]
         loss_dtype = torch.promote_types(embeddings.dtype, torch.float32)
@@ -804,17 +810,24 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
         members = next(iter(changes.values()))[1].shape[0]
         embedding_change = changes.get("model.embeddings.weight")
         head_change = embedding_change if config.tie_word_embeddings else changes.get("lm_head.weight")
-        layer_changes = []
-        for i in range(config.num_hidden_layers):
-            prefix = f"model.layers.{i}."
-            layer_changes.append({k.removeprefix(prefix): v for k, v in changes.items() if k.startswith(prefix)})
+        layer_changes = by_layer(changes, config.num_hidden_layers)
         batch = input_ids.shape[0]
         state_shape = (CELL_SHAPES[config.cell][3], members, batch, config.num_heads, config.head_dim)
-        weight = self.model.embeddings.weight
-        states = [weight.new_zeros(state_shape) for _ in layer_changes]
-        loss_dtype = torch.promote_types(weight.dtype, torch.float32)
-        loss_sum = weight.new_zeros(members, dtype=loss_dtype)
+        embedding_weight = self.model.embeddings.weight
+        states = [embedding_weight.new_zeros(state_shape) for _ in layer_changes]
+        loss_dtype = torch.promote_types(embedding_weight.dtype, torch.float32)
+        loss_sum = embedding_weight.new_zeros(members, dtype=loss_dtype)
         scored, steps = 0, input_ids.shape[1]
+        # Without a pre-norm the first layer's input projection is linear in the shared embedding: W e once for all
+        # members, and W A[ids] B^T = A[ids] (W B)^T per member, r numbers per token; (W B)^T is the same every chunk
+        first = self.model.layers[0]
+        shares_projection = first.norm is None and (embedding_change is None or embedding_change[0] == "lowrank")
+        if shares_projection:
+            projection = first.input_proj.weight
+            if embedding_change is None:
+                first_rhs = projection.new_zeros(members, 0, projection.shape[0])
+            else:
+                first_rhs = torch.matmul(projection, embedding_change[2]).transpose(1, 2)  # [M, r, out]
         for start in range(0, steps, config.chunk_size):
             end = min(start + config.chunk_size, steps)
             ids = input_ids[:, start:end]
@@ -822,17 +835,13 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
             hidden = embedded.expand(members, -1, -1, -1)  # [M, B, t, E]
             if embedding_change is not None:
                 hidden = hidden + member_lookup(embedding_change, ids)
-            # Without a pre-norm the first layer's input projection is linear in the shared embedding: W e once for
-            # all members, and W A[ids] B^T = A[ids] (W B)^T per member, r numbers per token
-            first, shared_input = self.model.layers[0], None
-            if first.norm is None and (embedding_change is None or embedding_change[0] == "lowrank"):
-                weight = first.input_proj.weight
+            shared_input = None
+            if shares_projection:
                 if embedding_change is None:
-                    lhs, rhs = embedded.new_zeros(members, *ids.shape, 0), weight.new_zeros(members, 0, weight.shape[0])
+                    first_lhs = embedded.new_zeros(members, *ids.shape, 0)
                 else:
-                    lhs = embedding_change[1][:, ids]  # [M, B, t, r]
-                    rhs = torch.matmul(weight, embedding_change[2]).transpose(1, 2)  # [M, r, out]
-                shared_input = (F.linear(embedded, weight), lhs, rhs)
+                    first_lhs = embedding_change[1][:, ids]  # [M, B, t, r]
+                shared_input = (F.linear(embedded, projection), first_lhs, first_rhs)
             for i, layer in enumerate(self.model.layers):
                 hidden, states[i] = layer.members_forward(
                     hidden, layer_changes[i], states[i], shared_input if i == 0 else None

@@ -5,7 +5,6 @@ sets defaults, the command line wins.
 A key that no dataclass declares is an error naming the file and the key.
 """
 
-import dataclasses
 import sys
 import types
 import typing
@@ -200,20 +199,18 @@ def parse_arguments(argv: list[str] | None = None):
         path = str(config_path(argv[index + 1], "train"))
         del argv[index : index + 2]
         values = read_yaml(path)
-        known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
-        check_known_keys(values, known, path, "scripts/train.py (see --help)")
-        parser.set_defaults(**{key: typed_value(key, value, path) for key, value in values.items()})
+        hints = {name: hint for cls in ARGUMENT_CLASSES for name, hint in typing.get_type_hints(cls).items()}
+        check_known_keys(values, set(hints), path, "scripts/train.py (see --help)")
+        parser.set_defaults(**{key: typed_value(key, value, hints[key], path) for key, value in values.items()})
     model_args, data_args, train_args, zo_config = parser.parse_args_into_dataclasses(args=argv)
     check_choices(model_args, data_args, train_args, zo_config)
     return model_args, data_args, train_args, zo_config
 
 
-def typed_value(key: str, value, path: str):
-    """A YAML value checked against its field's type, so a wrong one is an error naming the file and key (argparse
-    would report it as a command-line error, or not at all). A number in a string converts, as on the command line:
-    YAML reads 1e-3 as text."""
-    hints = {name: hint for cls in ARGUMENT_CLASSES for name, hint in typing.get_type_hints(cls).items()}
-    hint = hints[key]
+def typed_value(key: str, value, hint, path: str):
+    """A YAML value checked against its field's type `hint`, so a wrong one is an error naming the file and key
+    (argparse would report it as a command-line error, or not at all). A number in a string converts, as on the
+    command line: YAML reads 1e-3 as text."""
     optional = isinstance(hint, types.UnionType) and type(None) in hint.__args__
     kind = next(t for t in hint.__args__ if t is not type(None)) if optional else hint
     if value is None and optional:

@@ -1,8 +1,9 @@
 """Checkpoint folders: written atomically, verified, found again, pruned.
 
 A checkpoint is first written to `.tmp-checkpoint-N` by every process, then renamed to `checkpoint-N` by the main
-process (with a disk per machine, every machine holds a whole checkpoint and its first process renames it): a crash mid-save (even SIGKILL) leaves the previous checkpoints untouched and no half-written
-`checkpoint-N` that `latest` could pick up. The last file written is `manifest.json`, the size and SHA-256 of every
+process (with a disk per machine, every machine holds a whole checkpoint and its first process renames it): a crash
+mid-save (even SIGKILL) leaves the previous checkpoints untouched and no half-written `checkpoint-N` that `latest`
+could pick up. The last file written is `manifest.json`, the size and SHA-256 of every
 other file: a checkpoint damaged after it was written (a disk fault, a partial copy) is refused at resume with the
 file named, `latest` falls back to the newest checkpoint that verifies, and pruning never removes that one.
 """

@@ -89,9 +89,10 @@ class LowRankDirections(IsotropicDirections):
     """EGGROLL's low-rank directions (Sarkar et al. 2025): a matrix's z is A B^T / sqrt(r), with A [m, r] and B [n, r]
     drawn from the probe's seed; a tensor of more dimensions is a batch of matrices over its last two (the
     recurrent kernel [G, N, D, D]: one D x D block per gate and head, so the block-diagonal structure stays).
-    `matrices` says which tensors are; the others (biases, norms) keep isotropic z. Each element of A B^T / sqrt(r) has unit variance and E[z z^T] = I,
-    as for isotropic z, so the estimate keeps its expectation; a probe is r (m + n) random numbers per matrix,
-    and sum_i c_i z_i is one matmul of the stacked factors, never a dense z per probe."""
+    `matrices` says which tensors are; the others (biases, norms) keep isotropic z. Each element of A B^T / sqrt(r)
+    has unit variance and E[z z^T] = I, as for isotropic z, so the estimate keeps its expectation; a probe is
+    r (m + n) random numbers per matrix, and sum_i c_i z_i is one matmul of the stacked factors, never a dense z
+    per probe."""
 
     def __init__(
         self, params: Sequence[torch.Tensor], seed: int, distribution: str, rank: int, matrices: Sequence[bool]
