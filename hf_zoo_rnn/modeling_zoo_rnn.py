@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
@@ -367,6 +368,69 @@ def check_extra_inputs(name: str, output_attentions: bool | None, extra: dict) -
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Generation: the model carries its own state between steps
+# ---------------------------------------------------------------------------------------------------------------------
+
+# generate() passes every keyword it does not know through to prepare_inputs_for_generation untouched. The record of
+# the recurrent state travels under this name, which no transformers release reads: whether the state survives a step
+# never depends on a release's list of cache names.
+GENERATION_RECORD = "recurrent_record"
+GENERATION_ONLY_INPUTS = ("next_sequence_length", "is_first_iteration", "labels", "state", "cache")
+
+
+class RecurrentGenerationRecord:
+    """The state one `generate` call carries between steps, and what that state has read.
+
+    A row's state is a function of its prompt (ids or embeddings, mask, starting state) and of the tokens generated
+    after it. Beam search reorders rows between steps; each step the record matches every row to the row that read
+    exactly its tokens from the same prompt, and a row it cannot match is recomputed from the start, never guessed.
+    """
+
+    def __init__(self):
+        self.prompt_length = 0  # input_ids columns that belong to the prompt
+        self.groups = None  # [B]: rows with equal prompt, mask and starting state share a group
+        self.start_state = None  # the state before the prompt; None for zeros
+        self.state = None  # the state after the prompt and `read`
+        self.read = None  # [B, n] generated tokens `state` has read
+        self.pending = None  # the generated tokens the forward in flight reads
+
+    def begin(self, input_ids, attention_mask, inputs_embeds, start_state) -> None:
+        self.prompt_length = input_ids.shape[1]
+        self.start_state = start_state
+        parts = [input_ids, attention_mask, inputs_embeds]
+        parts += [layer.movedim(1, 0) for layer in start_state or ()]
+        rows = torch.cat(
+            [input_ids.new_zeros(input_ids.shape[0], 1).double()]
+            + [p.flatten(1).double() for p in parts if p is not None],
+            dim=1,
+        )
+        self.groups = torch.unique(rows, dim=0, return_inverse=True)[1]
+
+    def state_for(self, generated: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The state after the prompt and `generated` [B, n], or None when some row's is not known."""
+        if self.state is None or self.read is None or self.read.shape != generated.shape:
+            return None
+        if torch.equal(self.read, generated):
+            return self.state
+        same = (generated[:, None] == self.read[None]).all(-1) & (self.groups[:, None] == self.groups[None])
+        if not bool(same.any(1).all()):
+            return None
+        source = same.int().argmax(1)
+        return tuple(layer.index_select(1, source) for layer in self.state)
+
+
+def expand_state(state: tuple[torch.Tensor, ...] | None, batch: int) -> tuple[torch.Tensor, ...] | None:
+    """A caller's starting state for `batch` rows: generate repeats each prompt num_return_sequences (or num_beams)
+    times, and its state with it."""
+    if state is None or state[0].shape[1] == batch:
+        return state
+    rows = state[0].shape[1]
+    if batch % rows:
+        raise ValueError(f"generate got a state for {rows} rows and {batch} sequences to continue")
+    return tuple(layer.repeat_interleave(batch // rows, dim=1) for layer in state)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -397,8 +461,10 @@ class ZooRnnCausalLMOutput(ModelOutput):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class ZooRnnLayer(nn.Module):
-    """(pre-norm) -> input projection -> multi-head recurrence -> (residual)."""
+class ZooRnnLayer(GradientCheckpointingLayer):
+    """(pre-norm) -> input projection -> multi-head recurrence -> (residual). Under activation checkpointing
+    (`gradient_checkpointing_enable()`) each call, one chunk of time steps, keeps only its input and state and is
+    recomputed in the backward: BPTT's memory grows with the number of chunks, not with the context."""
 
     def __init__(self, config: ZooRnnConfig, input_size: int):
         super().__init__()
@@ -506,7 +572,7 @@ class ZooRnnPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["ZooRnnLayer"]
     _is_stateful = True
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # per layer and chunk, the state carried (ZooRnnLayer)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -544,9 +610,6 @@ class ZooRnnPreTrainedModel(PreTrainedModel):
         config = self.config
         shape = (CELL_SHAPES[config.cell][3], batch_size, config.num_heads, config.head_dim)
         return tuple(torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(config.num_hidden_layers))
-
-    def _reorder_cache(self, state: tuple[torch.Tensor, ...], beam_idx: torch.LongTensor):
-        return tuple(layer_state.index_select(1, beam_idx.to(layer_state.device)) for layer_state in state)
 
 
 class ZooRnnModel(ZooRnnPreTrainedModel):
@@ -752,6 +815,57 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
             state=state if use_cache else None,
             hidden_states=hidden_states[0] if output_hidden_states else None,
         )
+
+    def generate(self, *args, **kwargs):
+        """transformers' `generate`, with a fresh record of the recurrent state (see `RecurrentGenerationRecord`)."""
+        kwargs[GENERATION_RECORD] = RecurrentGenerationRecord()
+        return super().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        state: tuple[torch.Tensor, ...] | None = None,
+        recurrent_record: RecurrentGenerationRecord | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> dict:
+        """The next step's inputs: the newest token and the state after everything before it, or, without a known
+        state (the prompt, `use_cache=False`, a row beam search could not match), the whole sequence from the
+        starting state. `state` continues from a previous output's state."""
+        forwarded = {key: value for key, value in kwargs.items() if key not in GENERATION_ONLY_INPUTS}
+        record = recurrent_record if recurrent_record is not None else RecurrentGenerationRecord()
+        if record.groups is None:
+            start = expand_state(state, input_ids.shape[0])
+            record.begin(input_ids, attention_mask, inputs_embeds, start)
+        generated = input_ids[:, record.prompt_length :]
+        carried = record.state_for(generated[:, :-1]) if use_cache is not False and generated.shape[1] else None
+        record.pending = generated
+        if carried is not None:
+            return {"input_ids": generated[:, -1:], "state": carried, "use_cache": use_cache, **forwarded}
+        if inputs_embeds is not None:
+            embeds = torch.cat([inputs_embeds, self.get_input_embeddings()(generated).to(inputs_embeds.dtype)], dim=1)
+            inputs = {"inputs_embeds": embeds}
+        else:
+            inputs = {"input_ids": input_ids}
+        return {
+            **inputs,
+            "state": record.start_state,
+            "attention_mask": attention_mask,
+            "use_cache": use_cache,
+            **forwarded,
+        }
+
+    def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict, *args, **kwargs) -> dict:
+        """transformers' bookkeeping (the attention mask grows), then the record takes the state this step made."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        for name in ("state", "cache"):  # some releases copy these names: the record alone carries the state
+            model_kwargs.pop(name, None)
+        record = model_kwargs.get(GENERATION_RECORD)
+        if record is not None:
+            record.state, record.read = outputs.get("state"), record.pending
+        return model_kwargs
 
     def stacked_loss(
         self, parameters: dict[str, torch.Tensor], input_ids: torch.LongTensor, labels: torch.LongTensor

@@ -10,6 +10,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, pipeline
 from hf_zoo_rnn import ZooRnnConfig, ZooRnnForCausalLM, ZooRnnModel
 from hf_zoo_rnn.modeling_zoo_rnn import TORCH_CELLS, cpu_path, run_recurrence
 
+pytestmark = pytest.mark.transformers  # depends on the transformers release: CI runs it on the whole range
+
 CELLS = ["lstm", "gru"]
 HEAD_SHAPES = [(1, 12), (3, 8), (20, 4)]
 
@@ -118,35 +120,6 @@ def test_loss_counts_every_target_and_logits_to_keep_bounds_output():
     assert last_only.logits.shape == (2, 1, 64)
     assert last_only.loss.item() == full.loss.item()
     assert torch.equal(last_only.logits, full.logits[:, -1:])
-
-
-@pytest.mark.parametrize("cell", CELLS)
-def test_generate_with_cache_equals_without(cell):
-    model = ZooRnnForCausalLM(small_config(cell=cell, num_hidden_layers=2)).eval()
-    prompt = torch.randint(0, 64, (2, 7))
-    cached = model.generate(prompt, max_new_tokens=12, do_sample=False)
-    uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
-    assert cached.shape == (2, 19)
-    assert torch.equal(cached, uncached)
-    # and both equal a hand-written greedy loop
-    sequence = prompt
-    for _ in range(12):
-        next_token = model(sequence).logits[:, -1].argmax(-1, keepdim=True)
-        sequence = torch.cat([sequence, next_token], dim=1)
-    assert torch.equal(cached, sequence)
-
-
-def test_beam_search_and_sampling_run():
-    model = ZooRnnForCausalLM(small_config()).eval()
-    prompt = torch.randint(0, 64, (2, 5))
-    beams = model.generate(prompt, max_new_tokens=6, num_beams=4, num_return_sequences=3, do_sample=False)
-    assert beams.shape == (6, 11)
-    assert torch.equal(beams[:, :5], prompt.repeat_interleave(3, dim=0))
-    torch.manual_seed(1)
-    first = model.generate(prompt, max_new_tokens=6, do_sample=True, top_k=10)
-    torch.manual_seed(1)
-    second = model.generate(prompt, max_new_tokens=6, do_sample=True, top_k=10)
-    assert torch.equal(first, second)
 
 
 def left_padded(prompts: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
