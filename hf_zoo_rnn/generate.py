@@ -28,6 +28,10 @@ class GenerateArguments:
 
 def main() -> None:
     (args,) = HfArgumentParser(GenerateArguments).parse_args_into_dataclasses()
+    if args.max_new_tokens < 1:
+        raise SystemExit(f"{command_name()}: --max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.num_beams < 1:
+        raise SystemExit(f"{command_name()}: --num_beams must be at least 1, got {args.num_beams}")
     torch.manual_seed(args.seed)
     try:
         model, tokenizer = load_trained(args.model)

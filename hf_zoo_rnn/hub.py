@@ -2,16 +2,21 @@
 
 `HubPusher` uploads folders in a background thread, in order, retrying with exponential back-off; a push that
 still fails is logged and counted, never raised into training, and the local files are never touched (each push
-works on a hard-linked snapshot, so pruning old checkpoints cannot pull a folder from under an upload).
+works on a hard-linked snapshot, so pruning old checkpoints cannot pull a folder from under an upload). The run's
+end waits at most `hub_timeout` seconds for the final push; a final push that did not succeed makes the run exit
+non-zero (PushFailedError) with its local output complete.
 """
 
 import logging
 import os
+import queue
 import re
 import shutil
 import tempfile
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 from huggingface_hub import HfApi, snapshot_download
@@ -20,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 HUB_CHECKPOINT = re.compile(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?/(?P<path>checkpoint-\d+)$")
 # what a checkpoint holds only for resuming: pushed with hub_strategy=all_checkpoints, not to the model repo root
-RESUME_ONLY = ["optimizer.pt", "process_*.pt", "trainer_state.json"]
+RESUME_ONLY = ["optimizer.*", "process_*.*", "trainer_state.json"]
 SNAPSHOT_PREFIX = ".hub-push-"
 
 
@@ -59,7 +64,13 @@ def push_folder(
 
 
 class HubPusher:
-    """Background, ordered, retried pushes of folders to one repo."""
+    """Background, ordered, retried pushes of folders to one repo.
+
+    The worker is a daemon thread: a Hub that accepts connections and never answers (the client sets no timeout of
+    its own) can hold a push, never the run. At most `max_waiting` pushes wait behind the one in flight; an older
+    waiting one is superseded by a newer one (its snapshot removed), so a stalled Hub cannot pile snapshots up on disk.
+    `wait(timeout)` gives up on whatever has not finished by then, and counts it as failed.
+    """
 
     def __init__(
         self,
@@ -69,15 +80,19 @@ class HubPusher:
         token: str | None = None,
         retries: int = 5,
         retry_seconds: float = 2.0,
+        max_waiting: int = 1,
     ):
         self.api = HfApi(token=token)
         self.snapshot_dir = Path(snapshot_dir)
         self.repo_id, self.private = repo_id, private
-        self.retries, self.retry_seconds = retries, retry_seconds
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-push")
+        self.retries, self.retry_seconds, self.max_waiting = retries, retry_seconds, max_waiting
+        self.queue: queue.Queue = queue.Queue()
+        self.waiting: list[tuple[Future, Path, str]] = []  # queued, not started
         self.pending: list[Future] = []
         self.pushed: list[str] = []
         self.failed: list[str] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self.work, name="hub-push", daemon=True).start()
 
     def push(
         self, folder: Path, message: str, path_in_repo: str | None = None, ignore_patterns: list[str] | None = None
@@ -85,41 +100,57 @@ class HubPusher:
         # hard links need the same filesystem, and a push must never write outside the run's own folder (its
         # parent may be read-only): snapshots sit in snapshot_dir, the output directory, outside any checkpoint
         snapshot = Path(tempfile.mkdtemp(prefix=SNAPSHOT_PREFIX, dir=self.snapshot_dir))
-        skip = shutil.ignore_patterns(".tmp-*", f"{SNAPSHOT_PREFIX}*")
+        skip = shutil.ignore_patterns(".tmp-*", f"{SNAPSHOT_PREFIX}*", ".run.lock")
         shutil.copytree(folder, snapshot / "folder", copy_function=os.link, ignore=skip)
-        future = self.executor.submit(self._push, snapshot, message, path_in_repo, ignore_patterns)
-        self.pending.append(future)
+        future: Future = Future()
+        with self.lock:
+            while len(self.waiting) >= self.max_waiting:
+                old, old_snapshot, old_message = self.waiting.pop(0)
+                if old.set_running_or_notify_cancel():  # not started: drop it for the newer one
+                    shutil.rmtree(old_snapshot, ignore_errors=True)
+                    logger.warning("push %r to %s superseded by %r before it started", old_message, self.repo_id,
+                                   message)  # fmt: skip
+                    old.set_result(False)
+            self.waiting.append((future, snapshot, message))
+            self.pending.append(future)
+        self.queue.put((future, snapshot, message, path_in_repo, ignore_patterns))
         return future
 
-    def _push(self, snapshot: Path, message: str, path_in_repo: str | None, ignore_patterns: list[str] | None) -> None:
-        try:
-            url = push_folder(
-                self.api,
-                snapshot / "folder",
-                self.repo_id,
-                self.private,
-                message,
-                path_in_repo,
-                ignore_patterns,
-                self.retries,
-                self.retry_seconds,
-            )
-            self.pushed.append(url)
-        except Exception as error:
-            self.failed.append(f"{message}: {error}")
-            logger.error(
-                "giving up pushing %r to %s after %d retries: %s (local files are intact)",
-                message,
-                self.repo_id,
-                self.retries,
-                error,
-            )
-        finally:
-            shutil.rmtree(snapshot, ignore_errors=True)
+    def work(self) -> None:
+        while True:
+            future, snapshot, message, path_in_repo, ignore_patterns = self.queue.get()
+            with self.lock:
+                self.waiting = [entry for entry in self.waiting if entry[0] is not future]
+                if future.done():  # superseded
+                    continue
+                future.set_running_or_notify_cancel()
+            pushed = False
+            try:
+                folder = snapshot / "folder"
+                retrying = (self.retries, self.retry_seconds)
+                url = push_folder(self.api, folder, self.repo_id, self.private, message, path_in_repo,
+                                  ignore_patterns, *retrying)  # fmt: skip
+                self.pushed.append(url)
+                pushed = True
+            except Exception as error:
+                cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                self.failed.append(f"{message}: {cause}")
+                logger.error("giving up pushing %r to %s after %d retries: %s (local files are intact)", message,
+                             self.repo_id, self.retries, error)  # fmt: skip
+            finally:
+                shutil.rmtree(snapshot, ignore_errors=True)
+                future.set_result(pushed)
 
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> None:
+        """Until every push has finished, or `timeout` seconds: a push still running then is counted as failed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         for future in self.pending:
-            future.result()
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
+            try:
+                future.result(timeout=remaining)
+            except FutureTimeout:
+                self.failed.append(f"a push still unfinished after {timeout:g} s (the Hub does not answer)")
+                break
         self.pending.clear()
 
 
@@ -135,6 +166,10 @@ def resolve_hub_checkpoint(reference: str) -> Path | None:
     return folder
 
 
+class PushFailedError(RuntimeError):
+    """Training finished and its output is saved locally, but the final push did not reach the Hub."""
+
+
 class ModelReferenceError(ValueError):
     """A --model argument that names no loadable model."""
 
@@ -148,7 +183,8 @@ def is_local_reference(reference: str) -> bool:
 
 def load_trained(reference: str):
     """(model in eval mode, tokenizer) from a trained folder or a Hub repo id; a local folder that is missing or
-    holds no model is one error naming it."""
+    holds no model is one error naming it. The model is built by the installed hf_zoo_rnn classes: the Python
+    files a folder or repo carries are never run."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if is_local_reference(reference):
@@ -161,9 +197,9 @@ def load_trained(reference: str):
                 "checkpoint-N folders"
             )
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+            model = AutoModelForCausalLM.from_pretrained(path).eval()
             return model, AutoTokenizer.from_pretrained(path)
         except Exception as error:  # safetensors, tokenizers and transformers each raise their own kinds
             raise ModelReferenceError(f"cannot load the model in {path}: {error}") from error
-    model = AutoModelForCausalLM.from_pretrained(reference, trust_remote_code=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(reference).eval()
     return model, AutoTokenizer.from_pretrained(reference)

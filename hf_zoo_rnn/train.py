@@ -6,15 +6,19 @@ torch elastic's failure report, instead of "To enable traceback see ...".
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 from .config_files import ConfigFileError, command_name
 from .data import DataError
+from .hub import PushFailedError
 from .training import TrainingStalledError, ZooTrainer, parse_arguments
 from .training.checkpoints import CheckpointError
+from .training.preemption import Preempted
+from .training.run_folder import OutputDirError
 
-USER_ERRORS = (ConfigFileError, DataError, CheckpointError, TrainingStalledError)
+USER_ERRORS = (ConfigFileError, DataError, CheckpointError, TrainingStalledError, OutputDirError, PushFailedError)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
         trainer.train()
     except USER_ERRORS as error:
         exit_with(f"{command_name()}: error: {error}")
+    except Preempted as stop:
+        trainer.accelerator.end_training()
+        print(f"{command_name()}: {stop}", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
     trainer.accelerator.end_training()  # flush the trackers and end the process group
 
 

@@ -7,7 +7,7 @@ every checkpoint grows with it. For each size a file is generated (the KJV's ver
   stream  every block of the file through PackedStream (the char tokenizer, 16 x 128 tokens per block), the resume
           state pickled every 1,000 blocks: peak RSS, RSS before reading, largest state, tokens/s
   train   python -m hf_zoo_rnn.train on the file for 20 steps (the default run: a BPE trained on its first 1M
-          characters, the one-step gradient), a checkpoint at step 10: peak RSS and process_0.pt's size
+          characters, the one-step gradient), a checkpoint at step 10: peak RSS and the size of process_0.{json,safetensors}
 
     python scripts/benchmark_data.py [--sizes_mb 10 100 1000] [--modes stream train] [--output_dir outputs/benchmarks]
 
@@ -98,7 +98,7 @@ def measure_training(path: Path, output_dir: Path) -> dict:
     return {
         "seconds": round(time.perf_counter() - started, 1),
         "peak_rss_mb": round(max(r.get("peak_memory_mb", 0) for r in records)),
-        "process_state_kb": round((run / "checkpoint-10" / "process_0.pt").stat().st_size / 1024, 1),
+        "process_state_kb": round(sum(p.stat().st_size for p in (run / "checkpoint-10").glob("process_0.*")) / 1024, 1),
     }
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
 
@@ -25,6 +26,7 @@ class HubState:
         self.lock = threading.Lock()
         self.failures_left = 0
         self.down = False
+        self.stalled = threading.Event()  # set: accept requests and never answer them (until cleared, or 120 s)
         self.requests: list[str] = []
 
     def fail_next(self, count: int) -> None:
@@ -86,6 +88,9 @@ def make_handler(state: HubState):
 
         def intercepted(self) -> bool:
             state.requests.append(f"{self.command} {self.path}")
+            deadline = time.monotonic() + 120
+            while state.stalled.is_set() and time.monotonic() < deadline:
+                time.sleep(0.05)
             if state.down or state.failures_left > 0:
                 state.failures_left = max(0, state.failures_left - 1)
                 self.reply(503, {"error": "loopback Hub unavailable"})

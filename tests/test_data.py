@@ -19,6 +19,7 @@ from hf_zoo_rnn.data import (
 )
 from hf_zoo_rnn.data.corpus import SEGMENT_CHARS, bounded_pieces
 from hf_zoo_rnn.data.tasks import IGNORE_INDEX, encode_batch, length_range, make_example
+from hf_zoo_rnn.training.checkpoints import load_state, save_state
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_missing_empty_and_non_utf8_data_fail_clearly(tmp_path, kjv_tokenizer):
 def test_missing_text_column_names_the_columns(tmp_path, kjv_tokenizer):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"body": "x"}\n')
-    with pytest.raises(DataError, match=rf"column 'text' not in {path} \(columns: \['body'\]\)"):
+    with pytest.raises(DataError, match=rf"column 'text' not in {path}, line 1 \(columns: \['body'\]\)"):
         next(iter(PackedStream(open_text_source(str(path), "train"), kjv_tokenizer, 8, 1)))
 
 
@@ -220,3 +221,46 @@ def test_characters_outside_a_char_vocabulary_are_unknown_counted_and_reported(t
         batches = list(stream)
     assert stream.unknown_tokens == 20 * 4 and sum(int((b == tokenizer.unk_token_id).sum()) for b, _ in batches) <= 80
     assert "'é', '中', '文'" in caplog.text and "--tokenizer bpe" in caplog.text
+
+
+def write_sources(folder, texts: list[str]) -> dict[str, str]:
+    """The same documents as a .txt glob (one file each), JSON Lines and Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for i, text in enumerate(texts):
+        (folder / f"doc{i}.txt").write_text(text)
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    pq.write_table(pa.table({"text": texts}), folder / "docs.parquet", row_group_size=2)
+    return {
+        "txt": str(folder / "doc*.txt"),
+        "jsonl": str(folder / "docs.jsonl"),
+        "parquet": str(folder / "docs.parquet"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["kjv", "txt", "jsonl", "parquet"])
+def test_a_stream_interrupted_many_times_yields_the_uninterrupted_blocks(tmp_path, kjv_tokenizer, kind):
+    """30 interruptions at random points, each resumed from the state the previous resume wrote (through the
+    checkpoint format), some right after a resume, before any row was read: every block as without them."""
+    books = list(documents(open_text_source("kjv", "train")))[:6]
+    name = "kjv" if kind == "kjv" else write_sources(tmp_path, [book[:20_000] for book in books])[kind]
+
+    def stream():
+        return PackedStream(open_text_source(name, "train", validation_fraction=0), kjv_tokenizer, 64, 2)
+
+    total = 150
+    whole = [block[0] for block, _ in zip(stream(), range(total), strict=False)]
+    assert len(whole) == total
+    rng = random.Random(kind)
+    got, state = [], None
+    while len(got) < total:
+        current = stream()
+        if state is not None:
+            current.load_state_dict(state)
+        take = min(rng.choice([0, 0, 1, 1, 2, 7, 19]), total - len(got))
+        iterator = iter(current)
+        got += [next(iterator)[0] for _ in range(take)]
+        save_state(current.state_dict(), tmp_path, "process_0")
+        state = load_state(tmp_path, "process_0")
+    assert all(torch.equal(a, b) for a, b in zip(whole, got, strict=True))

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,12 @@ import torch
 from conftest import FAST_TRAINING, HUB, run_script
 from huggingface_hub import HfApi, ModelCard
 from safetensors.torch import load_file
+from test_generation import NEW_TOKENS, fp64_model, greedy_carrying_state, greedy_dropping_state
 from test_training import run
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_zoo_rnn.config_files import ConfigFileError
+from hf_zoo_rnn.hub import PushFailedError
 
 PUSH = ["--push_to_hub", "--hub_retries", "3", "--hub_retry_seconds", "0.05", "--log_with", "none", "--eval_steps", "0"]
 
@@ -83,7 +88,7 @@ def test_every_save_pushes_each_checkpoint_and_all_checkpoints_resume_from_the_h
     )
     assert len(commits("tester/every-save")) == 4  # the saves at steps 1, 2 and 3, then the end of training
     final_files = commits("tester/every-save")[-1][1]
-    assert "optimizer.pt" not in final_files and "README.md" in final_files
+    assert "optimizer.safetensors" not in final_files and "README.md" in final_files
 
     whole = tmp_path / "whole"
     run(
@@ -103,7 +108,9 @@ def test_every_save_pushes_each_checkpoint_and_all_checkpoints_resume_from_the_h
         ]
     )
     pushed = HfApi().list_repo_files("tester/all-checkpoints")
-    assert {"checkpoint-2/optimizer.pt", "checkpoint-2/process_0.pt", "checkpoint-2/README.md"} <= set(pushed)
+    assert {"checkpoint-2/optimizer.safetensors", "checkpoint-2/process_0.json", "checkpoint-2/README.md"} <= set(
+        pushed
+    )
     resumed = tmp_path / "resumed"
     run(
         [
@@ -133,33 +140,57 @@ def test_a_failing_server_is_retried_until_it_recovers(tmp_path):
     assert "model.safetensors" in HfApi().list_repo_files("tester/flaky")
 
 
-def test_a_server_that_stays_down_loses_nothing_locally(tmp_path, caplog):
+def test_a_server_that_stays_down_loses_nothing_locally_and_fails_the_run(tmp_path, caplog):
     HUB.state.down = True
     try:
-        final = run(
-            [
-                "--output_dir",
-                str(tmp_path),
-                *FAST_TRAINING,
-                *PUSH,
-                "--max_steps",
-                "2",
-                "--save_steps",
-                "1",
-                "--hub_strategy",
-                "every_save",
-                "--hub_model_id",
-                "tester/down",
-                "--hub_retries",
-                "1",
-            ]
-        )
+        with pytest.raises(
+            PushFailedError, match=r"holds the model, but pushing it to tester/down failed .*hf-zoo-rnn-push"
+        ):
+            run(["--output_dir", str(tmp_path), *FAST_TRAINING, *PUSH, "--max_steps", "2", "--save_steps", "1",
+                 "--hub_strategy", "every_save", "--hub_model_id", "tester/down", "--hub_retries", "1"])  # fmt: skip
     finally:
         HUB.state.down = False
-    assert "eval_loss" in final
-    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "checkpoint-1" / "optimizer.pt").is_file()
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "README.md").is_file()
+    assert (tmp_path / "checkpoint-1" / "optimizer.safetensors").is_file()
     assert "tester/down" not in HUB.state.repos or not commits("tester/down")
     assert any("push(es) to tester/down failed" in record.getMessage() for record in caplog.records)
+
+
+def test_a_hub_that_never_answers_cannot_hold_the_run_nor_fill_the_disk(tmp_path):
+    """The endpoint accepts connections and never replies: the run ends after hub_timeout with its output saved,
+    and pushes that waited behind the stalled one were superseded (their snapshots removed), not piled up."""
+    HUB.state.stalled.set()
+    started = time.monotonic()
+    try:
+        with pytest.raises(PushFailedError, match=r"unfinished after 3 s"):
+            run(["--output_dir", str(tmp_path), *FAST_TRAINING, *PUSH, "--max_steps", "6", "--save_steps", "1",
+                 "--hub_strategy", "every_save", "--hub_model_id", "tester/stalled", "--hub_timeout", "3"])  # fmt: skip
+        snapshots = list(tmp_path.glob(".hub-push-*"))
+    finally:
+        HUB.state.stalled.clear()
+    assert time.monotonic() - started < 60
+    assert len(snapshots) <= 2, snapshots  # the one in flight and the final one; 5 others were superseded
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "checkpoint-6").is_dir()
+
+
+def test_push_without_a_repo_id_while_the_hub_is_down_is_one_clear_error(tmp_path):
+    HUB.state.down = True
+    try:
+        with pytest.raises(ConfigFileError, match=r"needs the Hub to say who you are.*--hub_model_id owner/name"):
+            run(
+                [
+                    "--output_dir",
+                    str(tmp_path),
+                    *FAST_TRAINING,
+                    "--push_to_hub",
+                    "--hub_retries",
+                    "0",
+                    "--max_steps",
+                    "1",
+                ]
+            )
+    finally:
+        HUB.state.down = False
 
 
 def test_remote_code_loads_where_hf_zoo_rnn_is_not_installed(tmp_path):
@@ -185,6 +216,38 @@ print("LOGITS", json.dumps(model(torch.tensor({ids})).logits.tolist()))
     assert "LOGITS " in result.stdout, result.stderr[-2000:]
     logits = torch.tensor(json.loads(result.stdout.split("LOGITS ", 1)[1].splitlines()[0]))
     assert torch.equal(logits, expected)
+
+
+@pytest.mark.transformers
+def test_remote_code_generates_like_the_hand_loop_where_hf_zoo_rnn_is_not_installed():
+    """Push a model, load it by its remote code in an interpreter that cannot import hf_zoo_rnn, and generate: the
+    tokens are those of the hand loop that carries the state (the truth), under whichever transformers runs."""
+    model = fp64_model("gru", layers=2)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        HfApi().create_repo("tester/remote-generate")
+        HfApi().upload_folder(repo_id="tester/remote-generate", folder_path=folder)
+    prompt = [[5, 9, 2, 7, 1, 3], [8, 8, 1, 0, 4, 2]]
+    truth = greedy_carrying_state(model, torch.tensor(prompt), NEW_TOKENS)
+    assert not torch.equal(truth, greedy_dropping_state(model, torch.tensor(prompt), NEW_TOKENS))
+    script = f"""
+import importlib.abc, json, sys, torch
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("hf_zoo_rnn", "flashrnn"):
+            raise ImportError(f"{{name}} is not installed here")
+sys.meta_path.insert(0, Refuse())
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained("tester/remote-generate", trust_remote_code=True)
+assert "hf_zoo_rnn" not in sys.modules and type(model).__module__.startswith("transformers_modules")
+out = {{c: model.generate(torch.tensor({prompt}), max_new_tokens={NEW_TOKENS}, use_cache=c).tolist() for c in (True, False)}}
+print("GENERATED", json.dumps(out))
+"""
+    with tempfile.TemporaryDirectory() as folder:
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=folder, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    generated = json.loads(result.stdout.split("GENERATED ", 1)[1].splitlines()[0])
+    assert generated["true"] == truth.tolist() and generated["false"] == truth.tolist()
 
 
 def test_push_script_uploads_an_existing_folder(tmp_path):

@@ -100,10 +100,10 @@ def test_machines_with_their_own_disks_save_kill_and_resume_bitwise(tmp_path):
     assert not any((disk / "model.safetensors").exists() for disk in disks), "the run ended before it was killed"
     for rank, disk in enumerate(disks):  # each machine holds whole checkpoints, with only its own process's state
         checkpoint = disk / "checkpoint-4"
-        assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
-        assert [p.name for p in checkpoint.glob("process_*.pt")] == [f"process_{rank}.pt"]
+        assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "optimizer.safetensors").is_file()
+        assert [p.name for p in checkpoint.glob("process_*.json")] == [f"process_{rank}.json"]
     newest = max(int(p.name.split("-")[1]) for p in disks[0].glob("checkpoint-*"))
-    (disks[1] / f"checkpoint-{newest}" / "optimizer.pt").write_bytes(b"damaged on machine 1 only")
+    (disks[1] / f"checkpoint-{newest}" / "optimizer.safetensors").write_bytes(b"damaged on machine 1 only")
 
     finish(start_machines(tmp_path, ["--resume_from_checkpoint", "latest"]))
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_zoo_rnn.config_files import ConfigFileError, load_model_config
+from hf_zoo_rnn.data import DataError
 from hf_zoo_rnn.hub import is_local_reference
 from hf_zoo_rnn.training import CheckpointError, TrainingStalledError, ZooTrainer, local_gradients, parse_arguments
 from hf_zoo_rnn.training import checkpoints as checkpoints_module
-from hf_zoo_rnn.training.checkpoints import checkpoints, latest_checkpoint, prune_checkpoints
+from hf_zoo_rnn.training.checkpoints import checkpoints, latest_checkpoint, load_state, prune_checkpoints
 
 
 def run(argv: list[str]) -> dict:
@@ -206,8 +207,8 @@ def test_bad_inputs_give_one_clear_error_and_keep_what_was_written(tmp_path):
             + ["--model_config", str(ROOT / "configs/model/tiny.yaml")]
         )
     checkpoint = out / "checkpoint-2"
-    (checkpoint / "optimizer.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"checkpoint-2/optimizer.pt does not match the checksum"):
+    (checkpoint / "optimizer.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"checkpoint-2/optimizer.safetensors does not match the checksum"):
         run(fast_args(out, "--max_steps", "3", "--resume_from_checkpoint", str(checkpoint)))
     assert (checkpoint / "model.safetensors").is_file() and (out / "checkpoint-1").is_dir()
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
@@ -357,7 +358,7 @@ def test_curriculum_grows_the_task_length_and_is_checkpointed(tmp_path):
             "none",
         ]
     )
-    state = torch.load(tmp_path / "checkpoint-3" / "process_0.pt", weights_only=False)
+    state = load_state(tmp_path / "checkpoint-3", "process_0")
     assert state["data"]["max_train_length"] == 8  # grew by one per step below the threshold
 
 
@@ -427,7 +428,7 @@ def test_a_damaged_checkpoint_is_refused_and_latest_falls_back_to_the_newest_goo
     ]
     whole = tmp_path / "whole"
     run(fast_args(whole, *args))
-    for name in ("model.safetensors", "optimizer.pt", "process_0.pt", "trainer_state.json"):
+    for name in ("model.safetensors", "optimizer.safetensors", "process_0.json", "trainer_state.json"):
         out = tmp_path / name
         shutil.copytree(whole, out)
         damage(out / "checkpoint-3" / name)
@@ -574,3 +575,83 @@ def test_train_module_ends_a_user_mistake_with_one_line(tmp_path):
     message = f"train.py: error: data file not found: {tmp_path / 'no.txt'}"
     assert result.returncode == 1 and result.stderr.strip().endswith(message) and "Traceback" not in result.stderr
     assert json.loads(error_file.read_text())["message"] == message
+
+
+def to_legacy_pickles(checkpoint: Path, states: dict) -> None:
+    """Replace the checkpoint's states by NAME.pt pickles of `states` (what versions before safetensors wrote),
+    then re-sign its manifest as an attacker would."""
+    for name, state in states.items():
+        for suffix in (".json", ".safetensors"):
+            (checkpoint / f"{name}{suffix}").unlink(missing_ok=True)
+        torch.save(state, checkpoint / f"{name}.pt")
+    checkpoints_module.write_manifest(checkpoint)
+
+
+class Payload:
+    """Unpickling this runs a shell command that leaves a file behind."""
+
+    def __init__(self, trace: Path):
+        self.trace = trace
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.trace}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_older_pickles_still_resume(tmp_path):
+    args = ["--save_steps", "2", "--eval_steps", "0", "--log_with", "none"]
+    run(fast_args(tmp_path / "whole", "--max_steps", "4", *args))
+    out, trace = tmp_path / "run", tmp_path / "payload-ran"
+    run(fast_args(out, "--max_steps", "2", *args))
+    checkpoint = out / "checkpoint-2"
+    honest = {name: load_state(checkpoint, name) for name in ("process_0", "optimizer")}
+    to_legacy_pickles(checkpoint, {"process_0": {"data": Payload(trace), "rng": torch.get_rng_state()}})
+    resume = fast_args(out, "--max_steps", "4", *args, "--resume_from_checkpoint", "latest")
+    with pytest.raises(CheckpointError, match=r"process_0.pt holds objects other than tensors .* could run code"):
+        run(resume)
+    assert not trace.exists(), "unpickling the checkpoint ran the attacker's command"
+    to_legacy_pickles(checkpoint, honest)  # what the previous version wrote: plain pickles, read safely
+    run(resume)
+    whole, resumed = final_weights(tmp_path / "whole"), final_weights(out)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_bad_data_and_options_each_give_one_line_naming_the_cause(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text('{"text": "fine"}\n{"text": 12345}\n')
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text('{"text": null}\n')
+    table = tmp_path / "table.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"], "count": [1, 2]}), table)
+    for dataset, extra, message in (
+        (numbers, [], rf"{numbers}, line 2: column 'text' holds int 12345, not text"),
+        (nulls, [], rf"{nulls}, line 1: column 'text' holds NoneType None, not text"),
+        (table, ["--text_column", "count"], rf"{table}, row 1: column 'count' holds int 1, not text"),
+    ):
+        with pytest.raises(DataError, match=message):
+            run(fast_args(tmp_path / "out", "--dataset", str(dataset), "--tokenizer", "char", "--max_steps", "1",
+                          "--overwrite_output_dir", *extra))  # fmt: skip
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.txt").write_text("text")
+    (mixed / "b.jsonl").write_text('{"text": "text"}\n')
+    with pytest.raises(DataError, match=r"mixes formats \(.jsonl, .txt\): one run reads one format"):
+        run(fast_args(tmp_path / "out", "--dataset", str(mixed / "*"), "--max_steps", "1", "--overwrite_output_dir"))
+    blank = tmp_path / "blank.txt"
+    blank.write_text("   \n\n \n")
+    result = subprocess.run([sys.executable, "-m", "hf_zoo_rnn.train", *fast_args(tmp_path / "blank", "--dataset",
+                             str(blank), "--tokenizer", "char", "--max_steps", "1")], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "yields no full batch" in result.stderr.strip().splitlines()[-1]
+    # --model_config beside --init_from is checked against the loaded model, not ignored
+    source = tmp_path / "source"
+    run(fast_args(source, "--max_steps", "1", "--eval_steps", "0", "--save_steps", "0", "--log_with", "none"))
+    with pytest.raises(CheckpointError, match=r"holds a different model than requested \(embedding_size: requested"):
+        run(fast_args(tmp_path / "init", "--init_from", str(source), "--model_config", "tiny", "--max_steps", "1"))
+    for value in ("0", "-3"):
+        with pytest.raises(subprocess.CalledProcessError) as caught:
+            run_script("generate.py", "--model", str(source), "--max_new_tokens", value)
+        assert f"--max_new_tokens must be at least 1, got {value}" in caught.value.stderr
+        assert "Traceback" not in caught.value.stderr

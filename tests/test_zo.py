@@ -12,7 +12,7 @@ from torch import nn
 from hf_zoo_rnn import ZooRnnForCausalLM, modeling_zoo_rnn
 from hf_zoo_rnn.zo import Perturber, StackedLoss, ZOConfig, ZOOptimizer, noise, stream_seed, zo_parameters
 from hf_zoo_rnn.zo.directions import GuidedDirections, IsotropicDirections, LowRankDirections
-from hf_zoo_rnn.zo.estimator import probe_coefficients, projected_gradients, reported_loss
+from hf_zoo_rnn.zo.estimator import probe_coefficients, projected_gradients, reported_loss, shaped_losses
 from hf_zoo_rnn.zo.noise import splitmix64
 from hf_zoo_rnn.zo.optimizer import probes_per_forward
 
@@ -683,3 +683,20 @@ def test_low_rank_step_in_one_batch_equals_the_sequential_step():
             zo.step(lm_loss(model, ids), stacked_loss=members)
         finals.append(snapshot(model))
     assert all(torch.allclose(a, b, rtol=0, atol=1e-10) for a, b in zip(*finals, strict=True))
+
+
+def test_loss_shaping_ranks_and_standardises_the_population_and_keeps_nan_out():
+    losses = torch.tensor([[3.0, 1.0], [float("nan"), 2.0], [10.0, 0.0]])
+    ranks = shaped_losses(losses, "centered_ranks")
+    assert torch.isnan(ranks[1, 0])
+    finite = ranks[torch.isfinite(ranks)]
+    assert sorted(finite.tolist()) == [-0.5, -0.25, 0.0, 0.25, 0.5]
+    assert ranks[2, 0] == 0.5 and ranks[2, 1] == -0.5  # the largest loss ranks highest, an outlier counts as one rank
+    z = shaped_losses(losses, "zscore")
+    values = z[torch.isfinite(z)]
+    assert abs(values.mean().item()) < 1e-6 and abs(values.std().item() - 1) < 1e-6
+    assert shaped_losses(losses, "none") is losses
+    # a reward scaled by 1000 gives the same ranked update: the step does not depend on the reward's scale
+    torch.testing.assert_close(shaped_losses(losses * 1000, "centered_ranks"), ranks, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="needs difference='central'"):
+        ZOConfig(loss_shaping="zscore", difference="forward")

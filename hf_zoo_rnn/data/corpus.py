@@ -136,9 +136,14 @@ def data_files(name: str) -> list[Path]:
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise DataError(f"data file not found: {missing[0]}")
-    suffixes = {f.suffix for f in files}
-    if len(suffixes) != 1 or suffixes.pop() not in FILE_FORMATS:
-        raise DataError(f"{name}: data files must all end in one of {sorted(FILE_FORMATS)}")
+    suffixes = sorted({f.suffix for f in files})
+    unknown = [suffix for suffix in suffixes if suffix not in FILE_FORMATS]
+    if unknown:
+        raise DataError(f"{name}: {unknown[0] or 'a file without an extension'} is not a data format; data files end "
+                        f"in one of {sorted(FILE_FORMATS)}")  # fmt: skip
+    if len({FILE_FORMATS[suffix] for suffix in suffixes}) > 1:
+        raise DataError(f"{name} mixes formats ({', '.join(suffixes)}): one run reads one format; give a glob per "
+                        "format, e.g. --dataset 'data/*.jsonl'")  # fmt: skip
     return files
 
 
@@ -168,8 +173,10 @@ def local_rows(
                 else:
                     gaps += 1
         else:
-            for row in structured_rows(path):
-                if in_split(split_key(row, text_column, document_column, path), split, validation_fraction):
+            for where, row in structured_rows(path):
+                origin = f"{path}, {where}"
+                row_text(row, text_column, origin)  # checked here, where the file and row are known
+                if in_split(split_key(row, text_column, document_column, origin), split, validation_fraction):
                     yield row
 
 
@@ -198,12 +205,16 @@ def text_segments(path: str, limit: int) -> Iterator[str]:
         raise not_utf8(path, error) from None
 
 
-def structured_rows(path: str) -> Iterator[dict]:
-    """Rows of a JSON Lines file (a .json file holding one array is read whole), or of a Parquet file."""
+def structured_rows(path: str) -> Iterator[tuple[str, dict]]:
+    """(where, row) for the rows of a JSON Lines file (a .json file holding one array is read whole), or of a
+    Parquet file; `where` names the line or row."""
     if FILE_FORMATS[Path(path).suffix] == "parquet":
         try:
+            number = 0
             for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=256):
-                yield from batch.to_pylist()
+                for row in batch.to_pylist():
+                    number += 1
+                    yield f"row {number}", row
         except (pyarrow.ArrowException, OSError) as error:
             raise DataError(f"{path} is not a readable Parquet file: {error}") from None
         return
@@ -218,12 +229,11 @@ def structured_rows(path: str) -> Iterator[dict]:
                     value = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise DataError(f"{path}, line {number + error.lineno - 1}: not valid JSON ({error.msg})") from None
-                for row in value if one_array else [value]:
+                for index, row in enumerate(value if one_array else [value], start=1):
+                    where = f"element {index}" if one_array else f"line {number}"
                     if not isinstance(row, dict):
-                        raise DataError(
-                            f"{path}, line {number}: expected a JSON object per row, found {type(row).__name__}"
-                        )
-                    yield row
+                        raise DataError(f"{path}, {where}: expected a JSON object per row, found {type(row).__name__}")
+                    yield where, row
     except UnicodeDecodeError as error:
         raise not_utf8(path, error) from None
 
@@ -236,10 +246,17 @@ def not_utf8(path: str, error: UnicodeDecodeError) -> DataError:
 
 
 def row_text(row: dict, column: str, origin: str = "the data") -> str:
-    """The text of a row; a missing column is an error that lists the columns there are."""
+    """The text of a row; a missing column, or one that holds no text, is an error naming it."""
     if column not in row:
         raise DataError(f"column {column!r} not in {origin} (columns: {sorted(row)})")
-    return row[column]
+    text = row[column]
+    if not isinstance(text, str):
+        shown = repr(text) if len(repr(text)) <= 40 else repr(text)[:40] + "..."
+        raise DataError(
+            f"{origin}: column {column!r} holds {type(text).__name__} {shown}, not text (choose the text column with "
+            "--text_column)"
+        )
+    return text
 
 
 def text_pieces(source: TextSource) -> Iterator[str]:

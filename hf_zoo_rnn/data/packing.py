@@ -44,11 +44,13 @@ class PackedStream:
             self.source.dataset.load_state_dict(self.rows_state)
         needed = self.batch_size * self.context_length
         rows = iter(self.source.dataset)
+        rows_read = False  # until a row is read, the dataset reports its initial position even after a resume
         while True:
             while len(self.buffer) - self.position >= needed:
                 block = self.buffer[self.position : self.position + needed]
                 self.position += needed  # the consumed prefix is dropped once per row, not copied per block
-                self.rows_state = self.source.dataset.state_dict()
+                if rows_read:
+                    self.rows_state = self.source.dataset.state_dict()
                 ids = torch.tensor(block, dtype=torch.long).view(self.batch_size, self.context_length)
                 yield ids, ids  # (input_ids, labels), like every stream: a language model predicts its input
             del self.buffer[: self.position]
@@ -60,6 +62,7 @@ class PackedStream:
                 return
             except UnicodeDecodeError as error:
                 raise DataError(f"{self.source.description or 'the data'} is not valid UTF-8 text: {error}") from error
+            rows_read = True
             self.buffer.extend(self.tokens_of(row))
 
     def tokens_of(self, row: dict) -> list[int]:
@@ -96,14 +99,14 @@ class PackedStream:
     def state_dict(self) -> dict:
         return {
             "rows": self.rows_state,
-            "buffer": self.buffer[self.position :],
+            "buffer": torch.tensor(self.buffer[self.position :], dtype=torch.long),
             "last_document": self.last_document,
             "unknown_tokens": self.unknown_tokens,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.rows_state = state["rows"]
-        self.buffer = list(state["buffer"])
+        self.buffer = torch.as_tensor(state["buffer"], dtype=torch.long).tolist()
         self.position = 0
         self.last_document = state["last_document"]
         self.unknown_tokens = state.get("unknown_tokens", 0)

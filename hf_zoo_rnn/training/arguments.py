@@ -85,11 +85,21 @@ class DataArguments:
     fixed_batch: bool = field(
         default=False, metadata={"help": "train on the first batch every step (the paper's overfitting setting)"}
     )
+    prompts: str | None = field(
+        default=None,
+        metadata={"help": "objective=reward: add or reverse (a task's inputs), kjv (verse openings), or a dataset"},
+    )
+    prompt_column: str = field(default="prompt", metadata={"help": "a prompt dataset's prompt column"})
+    prompt_words: int = field(default=4, metadata={"help": "words of a KJV verse that make its prompt"})
 
 
 @dataclass
 class TrainArguments:
     output_dir: str = field(default="outputs/default", metadata={"help": "checkpoints, logs and the final model"})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "start a new run in an output_dir that holds another run: its checkpoints and log go first"},
+    )
     optimizer: str = field(default="zo", metadata={"help": "zo, or a BPTT baseline: bptt_sgd, bptt_adamw"})
     max_steps: int = field(default=400, metadata={"help": "optimisation steps"})
     stop_at_train_loss: float | None = field(
@@ -168,8 +178,34 @@ class TrainArguments:
     hub_token: str | None = field(default=None, metadata={"help": "token (default: HF_TOKEN or the saved login)"})
     hub_retries: int = field(default=5, metadata={"help": "retries of a failed push (exponential back-off)"})
     hub_retry_seconds: float = field(default=2.0, metadata={"help": "first back-off wait"})
+    objective: str = field(
+        default="lm", metadata={"help": "lm (next-token loss on the data) or reward (rewards of generated text, ES)"}
+    )
+    rewards: str = field(
+        default="",
+        metadata={
+            "help": "objective=reward: comma-separated add_exact, reverse_exact, distinct_4, fluency or module:function"
+        },
+    )
+    reward_weights: str = field(default="", metadata={"help": "one weight per reward (default: 1 each)"})
+    reward_samples: int = field(default=1, metadata={"help": "completions per prompt and member (sampled when > 1)"})
+    reward_aggregation: str = field(
+        default="mean", metadata={"help": "a prompt's reward over its samples: mean, or best (pass@k)"}
+    )
+    max_new_tokens: int = field(default=20, metadata={"help": "objective=reward: tokens each completion generates"})
+    do_sample: bool = field(default=False, metadata={"help": "objective=reward: sample completions (default greedy)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    anchor_decay: float = field(
+        default=0.0, metadata={"help": "objective=reward: each step pulls the weights toward the start by lr x this"}
+    )
+    hub_timeout: float = field(
+        default=600.0,
+        metadata={"help": "seconds the run's end waits for its pushes; a final push unfinished by then has failed"},
+    )
 
 
+OBJECTIVES = ("lm", "reward")
+REWARD_AGGREGATIONS = ("mean", "best")
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments, ZOConfig)
 # The embedded default run: every parameter trained by its one-step gradient (no backpropagation through time,
 # memory constant in context length) with AdamW and a cosine lr. It is the default because it learned most per second
@@ -228,6 +264,34 @@ def typed_value(key: str, value, hint, path: str):
     raise ConfigFileError(f"{path}: {key} must be {expected}{' or null' if optional else ''}, got {value!r}")
 
 
+def check_reward_choices(
+    model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments, zo_config: ZOConfig
+) -> None:
+    """Training on rewards: evolution strategies from a trained model, on prompts, scored by reward functions."""
+    if model_args.init_from is None:
+        raise ConfigFileError("objective=reward trains a trained model further: give it with --init_from")
+    if not data_args.prompts or not train_args.rewards:
+        raise ConfigFileError("objective=reward needs --prompts (add, reverse, kjv or a dataset) and --rewards")
+    if train_args.optimizer != "zo" or train_args.local_gradient != "none" or zo_config.num_probes < 1:
+        raise ConfigFileError(
+            "objective=reward is trained by evolution strategies: optimizer=zo, local_gradient=none, num_probes >= 1 "
+            "(antithetic pairs of members)"
+        )
+    weights = [w for w in train_args.reward_weights.split(",") if w.strip()]
+    if weights and len(weights) != len(train_args.rewards.split(",")):
+        raise ConfigFileError(
+            f"reward_weights gives {len(weights)} weights for {len(train_args.rewards.split(','))} rewards"
+        )
+    if train_args.reward_aggregation not in REWARD_AGGREGATIONS:
+        raise ConfigFileError(
+            f"reward_aggregation must be one of {REWARD_AGGREGATIONS}, got {train_args.reward_aggregation!r}"
+        )
+    if train_args.reward_samples < 1 or train_args.max_new_tokens < 1:
+        raise ConfigFileError("reward_samples and max_new_tokens must be at least 1")
+    if train_args.reward_samples > 1 and not train_args.do_sample:
+        raise ConfigFileError("reward_samples > 1 draws several completions per prompt: add --do_sample")
+
+
 def check_choices(
     model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments, zo_config: ZOConfig
 ) -> None:
@@ -255,6 +319,10 @@ def check_choices(
         raise ConfigFileError(
             f"guide={zo_config.guide!r} uses the one-step gradient of the ZO parameters: set local_gradient=one_step"
         )
+    if train_args.objective not in OBJECTIVES:
+        raise ConfigFileError(f"objective must be one of {OBJECTIVES}, got {train_args.objective!r}")
+    if train_args.objective == "reward":
+        check_reward_choices(model_args, data_args, train_args, zo_config)
     if model_args.dtype not in DTYPES:
         raise ConfigFileError(f"dtype must be one of {DTYPES}, got {model_args.dtype!r}")
     for name in ("eval_batches", "task_eval_examples", "batch_size", "context_length"):

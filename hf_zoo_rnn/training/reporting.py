@@ -109,6 +109,8 @@ def write_model_card(output_dir: Path, model, trainer, final_metrics: dict) -> M
         local_gradient=trainer.train_args.local_gradient,
         train=trainer.train_args,
         roles=parameter_roles(model, trainer.parameter_roles),
+        start=trainer.model_args.init_from,
+        prompts=data.prompts,
     )
     card.save(output_dir / "README.md")
     return card

@@ -13,8 +13,8 @@ import hashlib
 import json
 import logging
 import math
-import pickle
 import resource
+import signal
 import time
 import uuid
 from functools import partial
@@ -30,9 +30,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..config_files import ConfigFileError, load_model_config, model_config_from_dict
 from ..configuration_zoo_rnn import ZooRnnConfig
-from ..data import BUILTIN_KJV, PackedStream, TaskStream, build_tokenizer, open_text_source, text_pieces
-from ..hub import RESUME_ONLY, HubPusher, resolve_hub_checkpoint
+from ..data import BUILTIN_KJV, DataError, PackedStream, TaskStream, build_tokenizer, open_text_source, text_pieces
+from ..data.prompts import PromptBatch, PromptStream
+from ..hub import RESUME_ONLY, HubPusher, PushFailedError, resolve_hub_checkpoint
 from ..modeling_zoo_rnn import IGNORE_INDEX, ZooRnnForCausalLM
+from ..rewards import Fluency, RewardError, RewardObjective, load_reward_function, member_seed
 from ..zo import StackedLoss, ZOConfig, ZOOptimizer
 from .arguments import DataArguments, ModelArguments, TrainArguments
 from .checkpoints import (
@@ -40,13 +42,18 @@ from .checkpoints import (
     checkpoint_problem,
     checkpoints,
     latest_checkpoint,
+    load_state,
     prune_checkpoints,
+    publish_atomically,
+    save_state,
     verified_steps,
     write_atomically,
 )
 from .evaluation import language_model_metrics, task_metrics
 from .local_gradients import LocalGradientStep, partition_parameters
+from .preemption import Preempted, StopRequests
 from .reporting import plot_loss_curve, write_model_card
+from .run_folder import OutputDirError, check_fresh_start, claim_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +86,8 @@ class ZooTrainer:
         self.first_batch = None  # fixed_batch: a fresh stream's first batch, so a resumed run reads the same one
         self.zo: ZOOptimizer | None = None
         self.local: LocalGradientStep | None = None
+        self.reward: RewardObjective | None = None  # objective=reward: what a member's loss is
+        self.anchor: list[torch.Tensor] = []  # objective=reward with anchor_decay: the starting weights
         self.parameter_roles: dict[str, str] = {}  # parameter name -> how it is trained (for the model card)
         self.skipped_in_a_row = 0
         self.warned_no_validation = False
@@ -92,12 +101,15 @@ class ZooTrainer:
         self.writes_shared = (
             self.accelerator.is_local_main_process if self.per_machine else self.accelerator.is_main_process
         )
+        self.claim_output_dir()
         self.resume_dir = self.resolve_resume()
         self.tokenizer = self.load_tokenizer()
         self.model = self.load_model()
         self.train_stream = self.make_stream(validation=False)
         if self.is_zo:
             self.setup_zero_order()
+            if self.train_args.objective == "reward":
+                self.setup_reward()
         else:
             self.model.train()
             optimizer_class = torch.optim.SGD if self.train_args.optimizer == "bptt_sgd" else torch.optim.AdamW
@@ -144,6 +156,29 @@ class ZooTrainer:
                 self.model, args.local_gradient, local_names, surrogate, args, args.max_steps, reduce
             )
 
+    def setup_reward(self) -> None:
+        """Training on rewards: the reward functions (fluency scored by a frozen copy of the starting model) and,
+        with anchor_decay, the starting weights the update decays toward."""
+        args = self.train_args
+        functions = []
+        for spec in (name.strip() for name in args.rewards.split(",")):
+            if spec == "fluency":
+                start = AutoModelForCausalLM.from_pretrained(self.model_args.init_from).to(self.accelerator.device)
+                functions.append(Fluency(start.eval().requires_grad_(False), self.tokenizer))
+            else:
+                try:
+                    functions.append(load_reward_function(spec))
+                except RewardError as error:
+                    raise ConfigFileError(str(error)) from None
+        weights = [float(w) for w in args.reward_weights.split(",") if w.strip()] or [1.0] * len(functions)
+        self.reward = RewardObjective(
+            self.tokenizer, functions, weights, args.max_new_tokens, args.do_sample, args.temperature,
+            args.reward_samples, args.reward_aggregation,
+        )  # fmt: skip
+        if args.anchor_decay:
+            start = AutoModelForCausalLM.from_pretrained(self.model_args.init_from).to(self.accelerator.device)
+            self.anchor = [dict(start.named_parameters())[name].detach() for name in self.zo.names]
+
     def checkpoint_storage(self) -> str:
         """shared or per_machine; auto asks whether every process sees a file the main process writes into
         output_dir (machines without a shared filesystem do not)."""
@@ -162,6 +197,21 @@ class ZooTrainer:
         if not everyone_sees_it and self.accelerator.is_main_process:
             logger.warning("%s is not shared by every machine: each machine keeps whole checkpoints", self.output_dir)
         return "shared" if everyone_sees_it else "per_machine"
+
+    def claim_output_dir(self) -> None:
+        """The processes that write output_dir lock it for the run; a new run refuses a folder holding another run
+        (see run_folder.py). Every process raises the same error, so none waits for the others in vain."""
+        problem = None
+        if self.writes_shared:
+            try:
+                self.output_lock = claim_output_dir(self.output_dir)
+                if self.train_args.resume_from_checkpoint is None:
+                    check_fresh_start(self.output_dir, self.train_args.overwrite_output_dir)
+            except OutputDirError as error:
+                problem = str(error)
+        problems = gather_object([problem]) if self.world_size > 1 else [problem]
+        if any(problems):
+            raise OutputDirError(next(p for p in problems if p))
 
     def agreed_checkpoint(self) -> Path | None:
         """With a disk per machine: the newest checkpoint that verifies on every machine."""
@@ -191,33 +241,40 @@ class ZooTrainer:
                 logger.warning("resuming from %s, the newest checkpoint that verifies", path)
         elif (problem := checkpoint_problem(path)) is not None:
             raise CheckpointError(f"cannot resume from {path}: {problem}")
-        self.check_same_data(path)
+        self.check_same_run(path)
         return path
 
     def data_identity(self) -> dict:
         """What a checkpoint's data position and tokenizer belong to: resuming on anything else cannot continue."""
         data = self.data_args
-        keys = ("dataset", "task", "text_column", "document_column", "tokenizer", "tokenizer_vocab_size")
+        keys = ("dataset", "task", "prompts", "text_column", "document_column", "tokenizer", "tokenizer_vocab_size")
         identity = {key: getattr(data, key) for key in keys}
         if not data.task and data.dataset != BUILTIN_KJV:  # what is held out decides which rows train
             identity["held_out_fraction"] = 0 if data.validation_dataset else data.validation_fraction
         return identity
 
-    def check_same_data(self, folder: Path) -> None:
-        saved = json.loads((folder / "trainer_state.json").read_text()).get("data")
-        if saved is None:  # written before checkpoints recorded their data
-            return
-        differing = [
-            f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
-            for key, value in self.data_identity().items()
-            if saved.get(key) != value
-        ]
-        if differing:
-            raise CheckpointError(
-                f"{folder} was trained on other data than this run asks for ({'; '.join(differing)}): its data "
-                f"position and tokenizer cannot carry over. Resume with the same data settings, or start a new run "
-                f"from its weights with --init_from {folder}"
-            )
+    def run_identity(self) -> dict:
+        """What a resumed run must share with the run that wrote the checkpoint: otherwise it is another run (the
+        architecture is checked against the checkpoint's weights, the data by data_identity)."""
+        return {"seed": self.zo_config.seed, "optimizer": self.train_args.optimizer}
+
+    def check_same_run(self, folder: Path) -> None:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        for kind, identity in (("data", self.data_identity()), ("run", self.run_identity())):
+            saved = state.get(kind)
+            if saved is None:  # written before checkpoints recorded it
+                continue
+            differing = [
+                f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
+                for key, value in identity.items()
+                if saved.get(key) != value
+            ]
+            if differing:
+                what = "on other data" if kind == "data" else "by another run"
+                raise CheckpointError(
+                    f"{folder} was trained {what} than this run asks for ({'; '.join(differing)}): it cannot carry "
+                    f"over. Resume with the same settings, or start a new run from its weights with --init_from {folder}"
+                )
 
     def load_tokenizer(self):
         source = self.resume_dir or self.model_args.init_from
@@ -261,7 +318,9 @@ class ZooTrainer:
         if name == "auto":  # bf16 halves GPU memory; on CPU bf16 matmuls are ~2x slower than fp32
             name = "bfloat16" if self.accelerator.device.type == "cuda" else "float32"
         dtype = getattr(torch, name)
-        expected = self.model_config() if self.model_args.init_from is None else None
+        # --model_config beside --init_from is not ignored: the loaded model must be that architecture
+        init_only = self.model_args.init_from is not None and not self.model_args.model_config
+        expected = None if init_only else self.model_config()
         source = self.resume_dir or self.model_args.init_from
         if source is not None:
             try:
@@ -292,6 +351,11 @@ class ZooTrainer:
     def data_descriptions(self) -> tuple[str, str]:
         """(what trains, what validation evaluates), in words for the logs and the model card."""
         data = self.data_args
+        if self.train_args.objective == "reward":
+            return (
+                f"prompts from {data.prompts} scored by {self.train_args.rewards}, from {self.model_args.init_from}",
+                f"held-out prompts from {data.prompts}: their greedy completions' rewards",
+            )
         if data.task:
             return (
                 f"the {data.task} task, lengths 2-{data.task_max_length}",
@@ -305,6 +369,11 @@ class ZooTrainer:
 
     def make_stream(self, validation: bool):
         data = self.data_args
+        if self.train_args.objective == "reward":
+            return PromptStream(
+                data.prompts, "validation" if validation else "train", data.batch_size, self.zo_config.seed,
+                data.prompt_column, data.task_max_length, data.prompt_words,
+            )  # fmt: skip
         if data.task:
             return TaskStream(
                 data.task, self.tokenizer, data.batch_size, data.task_max_length, self.zo_config.seed, validation
@@ -322,6 +391,15 @@ class ZooTrainer:
     # -- the loop -------------------------------------------------------------------------------------------------
 
     def train(self) -> dict:
+        """Set up, train, evaluate and save; a SIGTERM or SIGINT saves a checkpoint and raises Preempted."""
+        stop_requests = StopRequests()
+        stop_requests.install()
+        try:
+            return self.run_training(stop_requests)
+        finally:
+            stop_requests.uninstall()
+
+    def run_training(self, stop_requests: StopRequests) -> dict:
         self.setup()
         args = self.train_args
         if self.accelerator.is_main_process or self.writes_shared:
@@ -335,12 +413,17 @@ class ZooTrainer:
         while self.counters["step"] < args.max_steps:
             if args.max_train_seconds is not None and training_seconds >= args.max_train_seconds:
                 break
-            input_ids, labels = self.next_batch()
+            batch = self.next_batch()
             step_started = time.perf_counter()
-            metrics = self.zo_step(input_ids, labels) if self.is_zo else self.bptt_step(input_ids, labels)
+            if self.reward is not None:
+                metrics, step_tokens = self.reward_step(batch), 0  # reward_step counts what it generates
+            else:
+                input_ids, labels = batch
+                metrics = self.zo_step(input_ids, labels) if self.is_zo else self.bptt_step(input_ids, labels)
+                step_tokens = input_ids.numel() * (self.world_size if self.data_args.per_rank_batches else 1)
             training_seconds += time.perf_counter() - step_started
             self.counters["step"] += 1
-            self.counters["tokens"] += input_ids.numel() * (self.world_size if self.data_args.per_rank_batches else 1)
+            self.counters["tokens"] += step_tokens
             step = self.counters["step"]
             metrics.update(
                 step_seconds=time.perf_counter() - step_started,
@@ -362,10 +445,19 @@ class ZooTrainer:
             reached = args.stop_at_train_loss is not None and metrics["train_loss"] < args.stop_at_train_loss
             if step % args.logging_steps == 0 or step == args.max_steps or evaluated or reached:
                 self.log(metrics)
-            if args.save_steps and step % args.save_steps == 0 and step < args.max_steps:
+            saved = args.save_steps and step % args.save_steps == 0 and step < args.max_steps
+            if saved:
                 self.save_checkpoint()
+            if signum := stop_requests.requested(self.accelerator):
+                folder = self.output_dir / f"checkpoint-{step}" if saved else self.save_checkpoint()
+                progress.close()
+                raise Preempted(
+                    signum,
+                    f"stopped by {signal.Signals(signum).name} after step {step}: saved {folder}; continue with "
+                    "--resume_from_checkpoint latest",
+                )
             progress.update(1)
-            rates = {"tok_s": f"{input_ids.numel() / metrics['step_seconds']:.0f}"}
+            rates = {"tok_s": f"{(step_tokens or metrics.get('generated_tokens', 0)) / metrics['step_seconds']:.0f}"}
             if self.zo is not None:
                 rates["probes_s"] = f"{self.zo_config.num_probes / metrics['step_seconds']:.1f}"
             progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", **rates)
@@ -390,10 +482,12 @@ class ZooTrainer:
             self.train_iterator = iter(self.train_stream)
             batch = next(self.train_iterator, None)
             if batch is None:
-                raise ValueError(
+                raise DataError(
                     f"the training data {self.data_args.dataset!r} yields no full batch "
                     f"of {self.data_args.batch_size} x {self.data_args.context_length} tokens"
                 )
+        if isinstance(batch, PromptBatch):
+            return batch
         input_ids, labels = batch
         batch = input_ids.to(self.accelerator.device), labels.to(self.accelerator.device)
         if self.data_args.fixed_batch:
@@ -410,7 +504,19 @@ class ZooTrainer:
             self.counters["forward_passes"] += 1
             self.counters["comm_bytes"] += sent
         if self.zo is not None:
-            metrics = self.zero_order_update(input_ids, labels, clean_loss, surrogates)
+            model = self.model
+
+            def loss_fn():
+                return model(input_ids, labels=labels, logits_to_keep=1).loss
+
+            stacked = None
+            if (
+                self.zo_config.probes_per_forward != 1
+            ):  # several probes per forward: low-rank as one batch, else stacked
+                perturbation = self.zo_config.perturbation
+                build = StackedLoss.members_of_model if perturbation == "lowrank" else StackedLoss.of_model
+                stacked = build(self.accelerator.unwrap_model(model), self.zo.names, input_ids, labels)
+            metrics = self.zero_order_update(loss_fn, stacked, clean_loss, surrogates)
             metrics["perturbed_loss"] = metrics["train_loss"]
         if self.local is not None:
             self.local_update(clean_loss, metrics)
@@ -436,16 +542,33 @@ class ZooTrainer:
             clean_loss = clean_loss.item()
         metrics["train_loss"] = clean_loss  # the clean loss of this step's batch, before its updates
 
-    def zero_order_update(self, input_ids, labels, clean_loss, surrogates) -> dict:
-        model = self.model
+    def reward_step(self, batch: PromptBatch) -> dict:
+        """Evolution strategies on the reward: each antithetic member theta +- eps z generates completions for the
+        batch's prompts, its loss is minus their mean reward, the population's losses are shaped (loss_shaping) and
+        the update is the ZO optimiser's; only the members' rewards cross processes. anchor_decay then pulls the
+        weights toward the start (arXiv 2605.30148: it stops drift in directions the reward does not constrain)."""
+        model = self.accelerator.unwrap_model(self.model)
 
         def loss_fn():
-            return model(input_ids, labels=labels, logits_to_keep=1).loss
+            probe, column = self.zo.member  # a member's sampling seed: the same whichever process generates it
+            seed = member_seed(self.zo_config.seed, self.zo.step_count, probe, column)
+            return self.reward.loss(model, batch.prompts, batch.columns, seed)
 
-        stacked = None
-        if self.zo_config.probes_per_forward != 1:  # several probes per forward: low-rank as one batch, else stacked
-            build = StackedLoss.members_of_model if self.zo_config.perturbation == "lowrank" else StackedLoss.of_model
-            stacked = build(self.accelerator.unwrap_model(model), self.zo.names, input_ids, labels)
+        nonfinite = self.reward.nonfinite
+        metrics = self.zero_order_update(loss_fn)
+        if self.anchor and metrics["lr"]:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, start in zip(self.zo.names, self.anchor, strict=True):
+                    params[name].sub_(metrics["lr"] * self.train_args.anchor_decay * (params[name] - start))
+        members = 2 * self.zo_config.num_probes
+        generated = members * len(batch.prompts) * self.train_args.reward_samples * self.train_args.max_new_tokens
+        self.counters["tokens"] += generated
+        metrics.update(mean_reward=-metrics["train_loss"], generated_tokens=generated,
+                       nonfinite_rewards=self.reward.nonfinite - nonfinite)  # fmt: skip
+        return metrics
+
+    def zero_order_update(self, loss_fn, stacked=None, clean_loss=None, surrogates=()) -> dict:
         # with per-process batches the clean losses differ by process; the probes' base must be each one's own
         stats = self.zo.step(
             loss_fn,
@@ -523,6 +646,8 @@ class ZooTrainer:
 
     def evaluate(self) -> dict:
         model = self.accelerator.unwrap_model(self.model)
+        if self.reward is not None:
+            return self.evaluate_rewards(model)
         was_training = model.training
         model.eval()
         results = language_model_metrics(model, self.make_stream(validation=True), self.data_args.eval_batches)
@@ -549,6 +674,29 @@ class ZooTrainer:
         model.train(was_training)
         return results
 
+    def evaluate_rewards(self, model) -> dict:
+        """The mean reward of greedy completions of held-out prompts (for a task: out of distribution, and in
+        distribution on fresh prompts of the training lengths), and for KJV prompts the validation loss."""
+        data, args = self.data_args, self.train_args
+        greedy = RewardObjective(self.tokenizer, self.reward.functions, self.reward.weights, args.max_new_tokens)
+        streams = {"eval_reward": self.make_stream(validation=True)}
+        if data.prompts in ("add", "reverse"):
+            streams["eval_reward_in_distribution"] = PromptStream(data.prompts, "train", data.batch_size,
+                                                                  self.zo_config.seed + 1, max_task_length=data.task_max_length)  # fmt: skip
+        results = {}
+        for name, stream in streams.items():
+            rewards = []
+            for index in range(data.eval_batches):
+                batch = stream.batch(index)
+                rewards += greedy.prompt_rewards(model, batch.prompts, batch.columns)
+            finite = [r for r in rewards if not math.isnan(r)]
+            results[name] = sum(finite) / len(finite) if finite else math.nan
+        if data.prompts == BUILTIN_KJV:
+            text = PackedStream(open_text_source(BUILTIN_KJV, "validation"), self.tokenizer, data.context_length,
+                                data.batch_size)  # fmt: skip
+            results.update(language_model_metrics(model, text, data.eval_batches))
+        return results
+
     def check_replicas(self) -> None:
         if self.world_size == 1:
             return
@@ -566,9 +714,12 @@ class ZooTrainer:
         self.history.append(record)
         self.accelerator.log(record, step=self.counters["step"])
         if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            path = self.output_dir / "metrics.jsonl"
+            try:
+                with open(path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            except OSError as error:  # a full disk: say so, not a traceback
+                raise OutputDirError(f"cannot write {path}: {error.strerror}") from error
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
 
@@ -580,19 +731,19 @@ class ZooTrainer:
 
         def write(folder: Path) -> None:
             # per process: its data position and RNG; main process: the model, tokenizer and shared state
-            torch.save(
-                {"data": self.train_stream.state_dict(), "rng": torch.get_rng_state()},
-                folder / f"process_{self.rank}.pt",
+            save_state(
+                {"data": self.train_stream.state_dict(), "rng": torch.get_rng_state()}, folder, f"process_{self.rank}"
             )
             if self.writes_shared:
                 model.save_pretrained(folder, max_shard_size=self.train_args.max_shard_size)
                 self.tokenizer.save_pretrained(folder)
-                torch.save(optimizer_state, folder / "optimizer.pt")
+                save_state(optimizer_state, folder, "optimizer")
                 state = {
                     "counters": self.counters,
                     "history": self.history,
                     "world_size": self.world_size,
                     "data": self.data_identity(),
+                    "run": self.run_identity(),
                 }
                 (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
                 self.write_report(folder, self.latest_eval())
@@ -615,15 +766,9 @@ class ZooTrainer:
         if self.accelerator.is_main_process:  # a killed run logged past its checkpoint: this run logs those steps again
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        process_file = folder / f"process_{self.rank if state['world_size'] == self.world_size else 0}.pt"
-        try:
-            process_state = torch.load(process_file, weights_only=False)
-            device = self.accelerator.device  # a CPU process of a multi-machine run gets "cpu:0", which load refuses
-            optimizer_state = torch.load(
-                folder / "optimizer.pt", weights_only=False, map_location=device if device.type != "cpu" else "cpu"
-            )
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-            raise CheckpointError(f"{folder} is corrupt or incomplete: {error}") from error
+        process_state = load_state(folder, f"process_{self.rank if state['world_size'] == self.world_size else 0}")
+        device = self.accelerator.device  # a CPU process of a multi-machine run gets "cpu:0": load it to "cpu"
+        optimizer_state = load_state(folder, "optimizer", device=str(device) if device.type != "cpu" else "cpu")
         if not self.data_args.fixed_batch:
             self.train_stream.load_state_dict(process_state["data"])
         torch.set_rng_state(process_state["rng"])
@@ -659,19 +804,26 @@ class ZooTrainer:
         if not self.writes_shared:
             return
         model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(self.output_dir, max_shard_size=self.train_args.max_shard_size)
-        self.tokenizer.save_pretrained(self.output_dir)
-        self.write_report(self.output_dir, final_metrics)
+
+        def write(folder: Path) -> None:
+            model.save_pretrained(folder, max_shard_size=self.train_args.max_shard_size)
+            self.tokenizer.save_pretrained(folder)
+            self.write_report(folder, final_metrics)
+
+        publish_atomically(self.output_dir, write)
         if self.pusher is not None:
             ignore = ["checkpoint-*/*", ".tmp-*/*", "tokenizer/*", "hf_zoo_rnn/*"]
-            self.pusher.push(self.output_dir, f"End of training, step {self.counters['step']}", ignore_patterns=ignore)
-            self.pusher.wait()  # the run ends only when the final push has succeeded or given up
+            final_push = self.pusher.push(self.output_dir, f"End of training, step {self.counters['step']}",
+                                          ignore_patterns=ignore)  # fmt: skip
+            self.pusher.wait(self.train_args.hub_timeout)  # the run ends when the pushes have ended or timed out
             if self.pusher.failed:
-                logger.error(
-                    "%d push(es) to %s failed; the local output in %s is complete",
-                    len(self.pusher.failed),
-                    self.pusher.repo_id,
-                    self.output_dir,
+                logger.error("%d push(es) to %s failed; the local output in %s is complete", len(self.pusher.failed),
+                             self.pusher.repo_id, self.output_dir)  # fmt: skip
+            if not (final_push.done() and final_push.result()):
+                raise PushFailedError(
+                    f"training finished and {self.output_dir} holds the model, but pushing it to {self.pusher.repo_id} "
+                    f"failed ({self.pusher.failed[-1]}); push it later with hf-zoo-rnn-push --folder {self.output_dir} "
+                    f"--repo_id {self.pusher.repo_id}"
                 )
 
     def write_report(self, folder: Path, metrics: dict) -> None:
@@ -693,7 +845,14 @@ class ZooTrainer:
         args = self.train_args
         repo_id = args.hub_model_id
         if repo_id is None:
-            user = HfApi(token=args.hub_token).whoami()["name"]
+            try:
+                user = HfApi(token=args.hub_token).whoami()["name"]
+            except Exception as error:  # offline, a bad token, a Hub error: each library raises its own kind
+                raise ConfigFileError(
+                    f"--push_to_hub without --hub_model_id needs the Hub to say who you are, and it could not "
+                    f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no answer'}); pass "
+                    "--hub_model_id owner/name"
+                ) from None
             repo_id = f"{user}/{self.output_dir.name}"
         return HubPusher(
             repo_id, self.output_dir, args.hub_private, args.hub_token, args.hub_retries, args.hub_retry_seconds

@@ -8,6 +8,7 @@ The gradient estimate is  g_hat = (1 / n) * sum_i g_i z_i  over the n probes wit
 import torch
 
 DIFFERENCES = ("central", "forward")
+SHAPINGS = ("none", "zscore", "centered_ranks")
 
 
 def projected_gradients(first: torch.Tensor, second: torch.Tensor, eps: float, difference: str) -> torch.Tensor:
@@ -17,6 +18,28 @@ def projected_gradients(first: torch.Tensor, second: torch.Tensor, eps: float, d
     if difference == "forward":
         return (first - second) / eps
     raise ValueError(f"difference must be one of {DIFFERENCES}, got {difference!r}")
+
+
+def shaped_losses(losses: torch.Tensor, shaping: str) -> torch.Tensor:
+    """Evolution strategies' fitness shaping, over the whole population's losses [K, 2] before differencing: "zscore"
+    (minus the mean, over the std: Qiu et al. 2025) or "centered_ranks" (each loss's rank, scaled to [-0.5, 0.5]:
+    Salimans et al. 2017), computed over the finite losses; a non-finite loss stays as it is (its probe is dropped).
+    Both make the step independent of the reward's scale; ranks also of its outliers."""
+    if shaping == "none":
+        return losses
+    if shaping not in SHAPINGS:
+        raise ValueError(f"loss_shaping must be one of {SHAPINGS}, got {shaping!r}")
+    finite = torch.isfinite(losses)
+    values = losses[finite]
+    if shaping == "zscore":
+        spread = values.std() if values.numel() > 1 else values.new_zeros(())
+        shaped = (values - values.mean()) / spread if spread > 0 else torch.zeros_like(values)
+    else:
+        ranks = values.argsort().argsort().to(losses.dtype)  # ties broken by position: deterministic everywhere
+        shaped = ranks / max(values.numel() - 1, 1) - 0.5
+    out = losses.clone()
+    out[finite] = shaped
+    return out
 
 
 def finite_probes(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,15 @@ from torch import nn
 from transformers import get_scheduler
 
 from .directions import GuidedDirections, IsotropicDirections, LowRankDirections
-from .estimator import DIFFERENCES, finite_probes, probe_coefficients, projected_gradients, reported_loss
+from .estimator import (
+    DIFFERENCES,
+    SHAPINGS,
+    finite_probes,
+    probe_coefficients,
+    projected_gradients,
+    reported_loss,
+    shaped_losses,
+)
 from .noise import DISTRIBUTIONS
 from .perturb import Perturber, compute_dtype, zo_parameters
 
@@ -59,6 +67,10 @@ class ZOConfig:
     adam_epsilon: float = field(default=1e-8, metadata={"help": "Adam denominator epsilon"})
     weight_decay: float = field(default=0.0, metadata={"help": "decoupled decay on matrices (ndim >= 2)"})
     clip_projected_gradient: float | None = field(default=None, metadata={"help": "clamp each g_i to +-value"})
+    loss_shaping: str = field(
+        default="none",
+        metadata={"help": "ES fitness shaping of the population's losses: none, zscore or centered_ranks"},
+    )
     lr_schedule: str = field(default="constant", metadata={"help": "constant, constant_with_warmup, linear, cosine"})
     eps_schedule: str = field(default="constant", metadata={"help": "schedule of eps: constant, linear, cosine"})
     warmup_steps: int = field(default=0, metadata={"help": "warm-up steps of the lr schedule"})
@@ -106,12 +118,15 @@ class ZOConfig:
             "eps_schedule": EPS_SCHEDULES,
             "guide": GUIDES,
             "perturbation": PERTURBATIONS,
+            "loss_shaping": SHAPINGS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ZOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.tied and self.lr is not None:
             raise ValueError("ZOConfig.lr must be unset when tied=True (the paper's update uses lr = eps)")
+        if self.loss_shaping != "none" and self.difference != "central":
+            raise ValueError("ZOConfig.loss_shaping ranks the population's L+ and L-: it needs difference='central'")
         if self.num_probes < 0 or self.max_chunk_elements < 1:
             raise ValueError(
                 f"ZOConfig.num_probes must be >= 0 (0: no zero-order part) and max_chunk_elements positive, got "
@@ -245,6 +260,7 @@ class ZOOptimizer:
         self.lr_multiplier = schedule(config.lr_schedule, config.warmup_steps, config.total_steps)
         self.eps_multiplier = schedule(config.eps_schedule, 0, config.total_steps)
         self.step_count = 0
+        self.member = (0, 0)  # (probe, sign column) being evaluated
         self.buffers: dict[str, list[torch.Tensor]] = {}
         moments = {"sgd": (), "momentum": ("velocity",), "adam": ("exp_avg", "exp_avg_sq")}[config.update_rule]
         for name in moments:
@@ -297,7 +313,10 @@ class ZOOptimizer:
         )
         losses = gather(local) if gather is not None else local
         first, second = losses[:, 0], losses[:, 1]
-        coefficients, kept = probe_coefficients(first, second, eps, config.difference, config.clip_projected_gradient)
+        scored = shaped_losses(losses, config.loss_shaping)  # the raw losses stay what is reported
+        coefficients, kept = probe_coefficients(
+            scored[:, 0], scored[:, 1], eps, config.difference, config.clip_projected_gradient
+        )
         update_norm, update_started = 0.0, time.perf_counter()
         if kept and (lr != 0 or config.weight_decay != 0):
             update_norm = self.apply_update(coefficients, kept, lr, rank, per_rank, partial)
@@ -356,6 +375,7 @@ class ZOOptimizer:
                 z_cache = self.probe_z(probe) if use_buffer else None
                 for column, scale in enumerate(scales):
                     self.perturber.perturb(probe, scale, z_cache)
+                    self.member = (probe, column)  # which member loss_fn sees: e.g. to seed its sampling
                     local[row, column] = timed_losses(loss_fn)
                 self.perturber.restore()
                 if base is not None:

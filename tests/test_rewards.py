@@ -1,0 +1,154 @@
+"""Training on rewards: reward functions with TRL's signature, their errors, and evolution strategies in the trainer
+(resume and two processes bitwise, members seeded wherever they run)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from conftest import ROOT
+from safetensors.torch import load_file
+
+from hf_zoo_rnn.data.prompts import PromptStream
+from hf_zoo_rnn.rewards import (
+    RewardError,
+    add_exact,
+    combined_rewards,
+    distinct_4,
+    load_reward_function,
+    member_seed,
+    pass_at_k,
+    reverse_exact,
+)
+from hf_zoo_rnn.training import ZooTrainer, parse_arguments
+
+
+def test_built_in_rewards_check_the_answer_they_compute():
+    assert add_exact(["12+30 ", "5+5 ", "not a sum "], ["42 ", "11 ", "0"]) == [1.0, 0.0, 0.0]
+    assert reverse_exact(["abc "], ["cba  and more"]) == [1.0]
+    assert distinct_4([""], ["the LORD and the LORD and the LORD and the"]) == [pytest.approx(3 / 7)]
+    assert distinct_4([""], ["a b c d e f"]) == [1.0] and distinct_4([""], ["too short"]) == [0.0]
+    assert pass_at_k([0.0, 1.0, 0.0, 0.0, math.nan, 0.5], 2) == [1.0, 0.0, 0.5]
+
+
+def nan_reward(prompts, completions, **_):
+    return [math.nan if "x" in c else 1.0 for c in completions]
+
+
+def test_bad_reward_functions_are_one_error_naming_the_function_and_row():
+    def raises(prompts, completions, **_):
+        raise KeyError("answer")
+
+    def short(prompts, completions, **_):
+        return [1.0]
+
+    def words(prompts, completions, **_):
+        return [1.0, "high"]
+
+    prompts, completions = ["p1", "p2"], ["a", "b"]
+    for function, message in ((raises, "reward function raises raised KeyError"),
+                              (short, "reward function short returned 1 values for 2 completions"),
+                              (words, r"reward function words, row 1 \('p2'\): 'high' is not a number")):  # fmt: skip
+        with pytest.raises(RewardError, match=message):
+            combined_rewards([function], [1.0], prompts, completions, {})
+    rewards, nonfinite = combined_rewards([nan_reward, distinct_4], [1.0, 0.5], ["p", "q"], ["x", "y z"], {})
+    assert math.isnan(rewards[0]) and rewards[1] == 1.0 and nonfinite == 1
+    assert load_reward_function("test_rewards:nan_reward") is nan_reward
+    for spec, message in (("nope", "neither built in"), ("no_such_module:f", "cannot be loaded"),
+                          ("test_rewards:missing", "cannot be loaded")):  # fmt: skip
+        with pytest.raises(RewardError, match=message):
+            load_reward_function(spec)
+
+
+def test_member_seeds_are_distinct_and_fixed():
+    seeds = {member_seed(0, step, probe, column) for step in range(20) for probe in range(50) for column in (0, 1)}
+    assert len(seeds) == 2000 and all(0 <= s < 2**63 for s in seeds)
+    assert member_seed(3, 1, 2, 0) == member_seed(3, 1, 2, 0) != member_seed(4, 1, 2, 0)
+
+
+def test_prompt_streams_resume_by_counting_and_carry_columns(tmp_path):
+    stream = PromptStream("add", "train", 4, seed=1)
+    first = [batch for batch, _ in zip(stream, range(3), strict=False)]
+    assert all(p.endswith(" ") and "+" in p for p in first[0].prompts) and len(first[0].columns["answer"]) == 4
+    resumed = PromptStream("add", "train", 4, seed=1)
+    resumed.load_state_dict({"batches_served": 2})
+    assert next(iter(resumed)).prompts == first[2].prompts
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) + "\n" for i in range(7)))
+    batch = PromptStream(str(rows), "train", 3, seed=0).batch(0)
+    assert all(f"q{a}" == p for p, a in zip(batch.prompts, batch.columns["answer"], strict=True))
+
+
+@pytest.fixture(scope="module")
+def add_model(tmp_path_factory):
+    """A char LSTM trained for a few seconds on `add` with labels: the starting point of reward training."""
+    out = tmp_path_factory.mktemp("add") / "ce"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    ZooTrainer(*parse_arguments([
+        "--output_dir", str(out), "--task", "add", "--tokenizer", "char", "--model_config", str(ROOT / "tests/tiny_model.yaml"),
+        "--max_steps", "60", "--batch_size", "16", "--log_with", "none", "--eval_steps", "0", "--save_steps", "0",
+    ])).train()  # fmt: skip
+    return out
+
+
+def reward_args(out, start, *extra) -> list[str]:
+    return ["--output_dir", str(out), "--objective", "reward", "--init_from", str(start), "--prompts", "add",
+            "--rewards", "add_exact,test_rewards:nan_reward", "--local_gradient", "none", "--num_probes", "4",
+            "--eps", "0.05", "--lr", "0.01", "--loss_shaping", "centered_ranks", "--batch_size", "3",
+            "--max_new_tokens", "4", "--do_sample", "--reward_samples", "2", "--reward_aggregation", "best",
+            "--anchor_decay", "0.1", "--log_with", "none", "--eval_steps", "0", "--eval_batches", "1",
+            "--logging_steps", "1", *extra]  # fmt: skip
+
+
+def run(argv):
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return ZooTrainer(*parse_arguments(argv)).train()
+
+
+def test_evolution_strategies_resume_bitwise_and_record_the_objective(add_model, tmp_path):
+    run(reward_args(tmp_path / "whole", add_model, "--max_steps", "4", "--save_steps", "2"))
+    run(reward_args(tmp_path / "part", add_model, "--max_steps", "2", "--save_steps", "2"))
+    run(reward_args(tmp_path / "part", add_model, "--max_steps", "4", "--save_steps", "2",
+                    "--resume_from_checkpoint", "latest"))  # fmt: skip
+    whole, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "part"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    start = load_file(add_model / "model.safetensors")
+    assert not all(torch.equal(whole[k], start[k]) for k in whole)  # it trained
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert all("mean_reward" in r and r["generated_tokens"] == 8 * 3 * 2 * 4 for r in records if "train_loss" in r)
+    assert "eval_reward" in records[-1] and "eval_reward_in_distribution" in records[-1]
+    card = (tmp_path / "whole" / "README.md").read_text()
+    assert "**rewards of generated text**: add_exact,test_rewards:nan_reward" in card and str(add_model) in card
+
+
+def test_two_processes_train_on_rewards_bitwise_like_one(add_model, tmp_path):
+    args = reward_args(tmp_path / "two", add_model, "--max_steps", "2", "--save_steps", "0")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs/accelerate/cpu-2.yaml"), "-m", "hf_zoo_rnn.train", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.set_num_threads(1)
+    try:
+        run([*args[:1], str(tmp_path / "one"), *args[2:]])
+    finally:
+        torch.set_num_threads(2)
+    two, one = (load_file(tmp_path / name / "model.safetensors") for name in ("two", "one"))
+    assert all(torch.equal(two[k], one[k]) for k in one)
+    assert "2 process(es)" in (tmp_path / "two" / "README.md").read_text()
+
+
+def test_reward_settings_that_cannot_work_are_clear_errors(add_model, tmp_path):
+    from hf_zoo_rnn.config_files import ConfigFileError
+
+    for extra, message in ((["--local_gradient", "one_step"], "trained by evolution strategies"),
+                           (["--reward_samples", "3", "--do_sample", "false"], "add --do_sample"),
+                           (["--rewards", "add_exact,no_such_module:f"], "cannot be loaded")):  # fmt: skip
+        with pytest.raises(ConfigFileError, match=message):
+            run(reward_args(tmp_path / "bad", add_model, "--max_steps", "1", "--overwrite_output_dir", *extra))
+    with pytest.raises(ConfigFileError, match="give it with --init_from"):
+        parse_arguments(["--objective", "reward", "--prompts", "add", "--rewards", "add_exact"])
