@@ -1,7 +1,8 @@
 """What a preemption costs: seconds from SIGTERM to exit, and the size of the checkpoint it saves.
 
 For each launcher, the embedded default run (or `--train_arguments`) is started, signalled with SIGTERM once it has
-logged `--signal_after` steps, and timed until the launcher exits; the checkpoint it saved is listed file by file.
+logged `--signal_after` steps, and timed until the launcher exits (its exit code, whether anything printed a traceback,
+its last line); the checkpoint it saved is listed file by file.
 
     python scripts/benchmark_preemption.py [--launchers direct cpu-1 cpu-2] [--signal_after 20]
                                            [--output_dir outputs/benchmarks]
@@ -75,6 +76,7 @@ def measure(name: str, args: PreemptionBenchmarkArguments, output_dir: Path) -> 
         "sigterm_to_exit_s": round(seconds, 2),
         "checkpoint": saved[-1].name if saved else None,
         "checkpoint_kb": round(sum(f["kb"] for f in files), 1),
+        "traceback_printed": "Traceback" in stderr,
         "last_line": last,
     }
     return row, files
