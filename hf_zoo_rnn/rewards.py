@@ -169,12 +169,17 @@ class RewardObjective:
         repeat = self.samples
         expanded = [p for p in prompts for _ in range(repeat)]
         expanded_columns = {key: [v for v in values for _ in range(repeat)] for key, values in columns.items()}
-        rewards, nonfinite = combined_rewards(self.functions, self.weights, expanded, texts, expanded_columns)
-        self.nonfinite += nonfinite
+        rewards = self.scored(expanded, texts, expanded_columns)
         if self.aggregation == "best":
             return pass_at_k(rewards, repeat)
         groups = [[v for v in rewards[i : i + repeat] if not math.isnan(v)] for i in range(0, len(rewards), repeat)]
         return [sum(group) / len(group) if group else math.nan for group in groups]
+
+    def scored(self, prompts: list[str], completions: list[str], columns: dict) -> list[float]:
+        """The weighted reward of each completion (NaN where it is not finite, and counted)."""
+        rewards, nonfinite = combined_rewards(self.functions, self.weights, prompts, completions, columns)
+        self.nonfinite += nonfinite
+        return rewards
 
     def loss(self, model, prompts: list[str], columns: dict, seed: int | None = None) -> torch.Tensor:
         """Minus the mean reward over the prompts with a finite one (NaN if none has: the member is dropped)."""

@@ -117,3 +117,19 @@ def test_communication_and_recurrence_benchmarks_run(tmp_path):
         str(tmp_path),
     )
     assert len(rows(tmp_path / "recurrence.csv")) == 4 + 4
+
+
+def test_rewards_benchmark_runs_every_method_and_the_memory_probe(tmp_path):
+    start = tmp_path / "start"
+    run_script("train.py", "--output_dir", str(start), *FAST_TRAINING, "--max_steps", "2", "--eval_steps", "0",
+               "--save_steps", "0", "--log_with", "none")  # fmt: skip
+    run_script("benchmark_rewards.py", "--start", str(start), "--seconds", "1", "--seeds", "0", "--grpo_lrs", "1e-4",
+               "--eval_prompts", "2", "--group", "2", "--prompts_per_step", "2", "--max_new_tokens", "4", "--memory",
+               "--memory_lengths", "4", "--output_dir", str(tmp_path))  # fmt: skip
+    table = rows(tmp_path / "rewards.csv")
+    assert [r["method"] for r in table] == ["start", "es", "grpo lr=0.0001", "one_step_pg"]
+    assert all(r["error"] == "" for r in table if "error" in r) and all(int(r["steps"]) >= 0 for r in table)
+    assert [r["mode"] for r in rows(tmp_path / "rewards_memory.csv")] == ["generate", "es_step"]
+    assert (tmp_path / "rewards.png").stat().st_size > 0 and "## es seed 0" in (
+        tmp_path / "rewards_samples.md"
+    ).read_text()

@@ -193,28 +193,42 @@ def test_push_without_a_repo_id_while_the_hub_is_down_is_one_clear_error(tmp_pat
         HUB.state.down = False
 
 
+# The start of a script for an interpreter where hf_zoo_rnn and flashrnn are not installed (a Hub user's).
+WITHOUT_HF_ZOO_RNN = """
+import importlib.abc, json, sys, torch
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("hf_zoo_rnn", "flashrnn"):
+            raise ImportError(f"{name} is not installed here")
+sys.meta_path.insert(0, Refuse())
+"""
+
+
+def printed(script: str, tag: str):
+    """Run `script` in a fresh interpreter in an empty folder; the JSON it printed after `tag`."""
+    with tempfile.TemporaryDirectory() as folder:
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=folder, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{tag} " in result.stdout, result.stderr[-2000:]
+    return json.loads(result.stdout.split(f"{tag} ", 1)[1].splitlines()[0])
+
+
 def test_remote_code_loads_where_hf_zoo_rnn_is_not_installed(tmp_path):
     """A fresh interpreter that cannot import hf_zoo_rnn (nor flashrnn) loads the pushed repo by its remote code."""
     train_and_push(tmp_path, "tester/remote-code")
     ids = [[5, 9, 2, 7, 1, 3]]
     expected = AutoModelForCausalLM.from_pretrained(tmp_path)(torch.tensor(ids)).logits
-    script = f"""
-import importlib.abc, json, sys, torch
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("hf_zoo_rnn", "flashrnn"):
-            raise ImportError(f"{{name}} is not installed here")
-sys.meta_path.insert(0, Refuse())
+    script = (
+        WITHOUT_HF_ZOO_RNN
+        + f"""
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("tester/remote-code", trust_remote_code=True)
 AutoTokenizer.from_pretrained("tester/remote-code")
 assert "hf_zoo_rnn" not in sys.modules and type(model).__module__.startswith("transformers_modules"), type(model).__module__
 print("LOGITS", json.dumps(model(torch.tensor({ids})).logits.tolist()))
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "LOGITS " in result.stdout, result.stderr[-2000:]
-    logits = torch.tensor(json.loads(result.stdout.split("LOGITS ", 1)[1].splitlines()[0]))
+    )
+    logits = torch.tensor(printed(script, "LOGITS"))
     assert torch.equal(logits, expected)
 
 
@@ -230,23 +244,17 @@ def test_remote_code_generates_like_the_hand_loop_where_hf_zoo_rnn_is_not_instal
     prompt = [[5, 9, 2, 7, 1, 3], [8, 8, 1, 0, 4, 2]]
     truth = greedy_carrying_state(model, torch.tensor(prompt), NEW_TOKENS)
     assert not torch.equal(truth, greedy_dropping_state(model, torch.tensor(prompt), NEW_TOKENS))
-    script = f"""
-import importlib.abc, json, sys, torch
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("hf_zoo_rnn", "flashrnn"):
-            raise ImportError(f"{{name}} is not installed here")
-sys.meta_path.insert(0, Refuse())
+    script = (
+        WITHOUT_HF_ZOO_RNN
+        + f"""
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("tester/remote-generate", trust_remote_code=True)
 assert "hf_zoo_rnn" not in sys.modules and type(model).__module__.startswith("transformers_modules")
 out = {{c: model.generate(torch.tensor({prompt}), max_new_tokens={NEW_TOKENS}, use_cache=c).tolist() for c in (True, False)}}
 print("GENERATED", json.dumps(out))
 """
-    with tempfile.TemporaryDirectory() as folder:
-        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=folder, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    generated = json.loads(result.stdout.split("GENERATED ", 1)[1].splitlines()[0])
+    )
+    generated = printed(script, "GENERATED")
     assert generated["true"] == truth.tolist() and generated["false"] == truth.tolist()
 
 

@@ -123,3 +123,22 @@ def test_a_non_finite_local_gradient_is_dropped_not_stepped():
     step.gradients(ids, labels)
     assert step.step() == 0.1  # a finite gradient steps, at the scheduled lr
     assert not torch.equal(model.lm_head.weight, before["lm_head.weight"])
+
+
+def test_row_weights_weigh_each_sequences_one_step_gradient():
+    """The policy-gradient seam: weights w give sum_i w_i * (row i's gradient), each row's share of the mean."""
+    model = ZooRnnForCausalLM(small_config(num_hidden_layers=2)).double()
+    ids = torch.randint(0, 64, (3, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100  # a prompt: not scored
+    weights = torch.tensor([0.5, -2.0, 1.5], dtype=torch.float64)
+
+    def gradient(rows, row_weights=None):
+        model.zero_grad()
+        accumulate_local_gradients(model, ids[rows], labels[rows], "one_step", row_weights)
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    torch.testing.assert_close(gradient([0, 1, 2], torch.ones(3, dtype=torch.float64)), gradient([0, 1, 2]))
+    per_row = [gradient([i]) for i in range(3)]  # each a mean over its 8 scored positions, of 24 in all
+    expected = sum(w * g for w, g in zip(weights, per_row, strict=True)) / 3
+    torch.testing.assert_close(gradient([0, 1, 2], weights), expected, rtol=1e-10, atol=1e-12)

@@ -30,3 +30,22 @@ def task_metrics(model, tokenizer, task: str, max_train_length: int, seed: int, 
         stream = TaskStream(task, tokenizer, examples, max_train_length, seed, validation)
         results[f"exact_match_{name}"] = exact_match(model, tokenizer, stream.examples(0))
     return results
+
+
+@torch.inference_mode()
+def kl_to_reference(model, reference, tokenizer, prompts: list[str], completions: list[str]) -> float:
+    """Mean per-token KL(model || reference) of the next-token distributions along each prompt's completion: how far
+    training on a reward moved the model from where it started, where it now generates."""
+    total, count = 0.0, 0
+    for prompt, completion in zip(prompts, completions, strict=True):
+        context = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+        answer = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if not answer:
+            continue
+        ids = torch.tensor([context + answer], device=model.device)
+        steps = slice(len(context) - 1, len(context) + len(answer) - 1)  # the positions that predict the answer
+        log_p = model(ids).logits[0, steps].float().log_softmax(-1)
+        log_q = reference(ids.to(reference.device)).logits[0, steps].float().log_softmax(-1).to(log_p.device)
+        total += (log_p.exp() * (log_p - log_q)).sum().item()
+        count += len(answer)
+    return total / count if count else math.nan

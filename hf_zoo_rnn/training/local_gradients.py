@@ -32,9 +32,14 @@ def readout_parameter_names(model: ZooRnnForCausalLM) -> list[str]:
 
 
 def chunk_losses(
-    model: ZooRnnForCausalLM, input_ids: torch.Tensor, labels: torch.Tensor, scope: str
+    model: ZooRnnForCausalLM,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    scope: str,
+    row_weights: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Per time chunk, the summed next-token loss with a graph through the scope's parameters only."""
+    """Per time chunk, the summed next-token loss with a graph through the scope's parameters only; `row_weights`
+    [B] weighs each sequence's terms (a policy gradient's advantages)."""
     if scope not in SCOPES:
         raise ValueError(f"local gradient scope must be one of {SCOPES}, got {scope!r}")
     config = model.config
@@ -49,12 +54,13 @@ def chunk_losses(
             hidden = model.model.norm_f(hidden)
         logits = model.lm_head(hidden)
         targets = shifted_targets(labels, start, end)
-        yield F.cross_entropy(
+        losses = F.cross_entropy(
             logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1),
             targets.flatten(),
             ignore_index=IGNORE_INDEX,
-            reduction="sum",
+            reduction="sum" if row_weights is None else "none",
         )
+        yield losses if row_weights is None else (losses.view(targets.shape) * row_weights[:, None]).sum()
 
 
 def one_step_layer(layer: ZooRnnLayer, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,13 +102,19 @@ def cell_states_before(forget: torch.Tensor, written: torch.Tensor, c0: torch.Te
 
 
 def accumulate_local_gradients(
-    model: ZooRnnForCausalLM, input_ids: torch.Tensor, labels: torch.Tensor, scope: str
+    model: ZooRnnForCausalLM,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    scope: str,
+    row_weights: torch.Tensor | None = None,
 ) -> float:
     """Add the scope's gradient of the mean loss into `.grad` of the parameters that require grad (one backward
-    per chunk); returns the mean loss of this forward (the clean loss at the current parameters)."""
+    per chunk); returns the mean loss of this forward (the clean loss at the current parameters). With
+    `row_weights` the loss is the mean of each sequence's terms times its weight (minus a policy gradient's
+    objective when the weights are advantages)."""
     count = max(int((labels[:, 1:] != IGNORE_INDEX).sum()), 1)
     total = 0.0
-    for loss_sum in chunk_losses(model, input_ids, labels, scope):
+    for loss_sum in chunk_losses(model, input_ids, labels, scope, row_weights):
         if loss_sum.requires_grad:
             (loss_sum / count).backward()
         total += loss_sum.item()

@@ -1,0 +1,63 @@
+"""A policy gradient on rewards without backpropagation through time: the no-BPTT baseline of training on rewards.
+
+Per step, `group` completions are sampled for each prompt; their rewards, normalised within the group (GRPO's
+advantage), weigh each completion's one-step gradient of its log-likelihood (training/local_gradients.py: each
+position's loss through the layers and one recurrent step), and AdamW steps. No KL term, no reference model.
+"""
+
+import math
+
+import torch
+
+from ..rewards import RewardObjective
+from .local_gradients import accumulate_local_gradients
+
+IGNORE_INDEX = -100
+
+
+def group_advantages(rewards: list[float], group: int) -> torch.Tensor:
+    """(r - mean of its group) / (std of its group + 1e-4), 0 for a non-finite reward, per completion."""
+    values = torch.tensor(rewards, dtype=torch.float64).view(-1, group)
+    finite = torch.isfinite(values)
+    filled = torch.where(finite, values, torch.zeros_like(values))
+    count = finite.sum(1, keepdim=True).clamp(min=1)
+    mean = filled.sum(1, keepdim=True) / count
+    spread = (((filled - mean) * finite) ** 2).sum(1, keepdim=True).div(count).sqrt()
+    return torch.where(finite, (values - mean) / (spread + 1e-4), torch.zeros_like(values)).flatten()
+
+
+class OneStepPolicyGradient:
+    """Sample, score, weigh the one-step gradient by the advantages, step AdamW."""
+
+    def __init__(self, model, objective: RewardObjective, lr: float):
+        self.model, self.objective = model, objective
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def step(self, prompts: list[str], columns: dict, seed: int) -> float:
+        """One update; returns the mean reward of the sampled completions."""
+        objective, tokenizer = self.objective, self.objective.tokenizer
+        self.model.eval()
+        completions = objective.completions(self.model, prompts, seed)
+        group = objective.samples
+        expanded = [p for p in prompts for _ in range(group)]
+        expanded_columns = {key: [v for v in values for _ in range(group)] for key, values in columns.items()}
+        rewards = objective.scored(expanded, completions, expanded_columns)
+        advantages = group_advantages(rewards, group)
+        rows, label_rows = [], []
+        for prompt, completion in zip(expanded, completions, strict=True):
+            context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            answer = tokenizer(completion, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+            rows.append(context + answer)
+            label_rows.append([IGNORE_INDEX] * len(context) + answer)
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, (row, label_row) in enumerate(zip(rows, label_rows, strict=True)):
+            ids[i, : len(row)], labels[i, : len(row)] = torch.tensor(row), torch.tensor(label_row)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        device = self.model.device
+        accumulate_local_gradients(self.model, ids.to(device), labels.to(device), "one_step", advantages.to(device))
+        self.optimizer.step()
+        finite = [r for r in rewards if not math.isnan(r)]
+        return sum(finite) / len(finite) if finite else math.nan
