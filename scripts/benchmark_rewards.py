@@ -1,22 +1,33 @@
-"""Training on a text reward, side by side at equal wall-clock, from the same model, on the same prompts, with the
-same reward functions (distinct-4 of a 40-token continuation + 0.1 x fluency under the frozen start):
+"""Training on rewards, side by side at equal wall-clock, from the same model, on the same prompts, with the same
+reward functions. Three settings (--prompts):
 
+  kjv       the `make train` model continues held-out KJV verse openings; reward: distinct-4 of a 40-token greedy
+            continuation + 0.1 x its fluency under the frozen start
+  add       a cross-entropy checkpoint of the `add` task at partial competence; reward: exact match (add_exact)
+  reverse   the same for `reverse` (reverse_exact)
+
+Methods (--methods):
   es           evolution strategies: python -m hf_zoo_rnn.train --config rewards-kjv (greedy members, no gradients)
+  es_pass4     the same with pass@4 as the reward: 4 sampled completions per prompt and member, the best one counts
+               (a reward GRPO cannot express: its advantage is per completion)
   grpo         TRL's GRPOTrainer: 8 sampled completions per prompt, backpropagation through them, KL term beta,
                one run per learning rate of --grpo_lrs (the sweep a fair comparison owes it)
   one_step_pg  a group-normalised policy gradient by the one-step gradient (no backpropagation through time)
+  ce           tasks only, the reference ceiling: cross-entropy with the labels (BPTT + AdamW), as the start was trained
 
 Each run trains for --seconds of wall-clock (evaluation excluded), in one invocation; each starts in its own process,
 one thread each. GRPO's learning rates are swept on the first seed, and the best (by held-out reward) runs the other
-seeds. Reported per run, on held-out prompts (Jude, Revelation): greedy distinct-4, mean reward, KL to the start
-model along its greedy continuations, validation loss, and peak RSS; samples of greedy text (and of sampled text for
-GRPO, the policy it optimises). --memory also measures the peak RSS of one ES step against plain generation, each in
-a process of its own, at each of --memory_lengths completion tokens.
+seeds. Reported per run, on held-out prompts: for kjv (Jude, Revelation) greedy distinct-4, mean reward, KL to the
+start model along its greedy continuations, validation loss; for a task greedy exact match in distribution (fresh
+prompts of the training lengths) and out of distribution (longer), and pass@4 in distribution. Also steps,
+generations per second and peak RSS; samples of greedy text (and of sampled text for GRPO, the policy it optimises).
+--memory also measures the peak RSS of one ES step against plain generation, each in a process of its own, at each
+of --memory_lengths completion tokens.
 
-    python scripts/benchmark_rewards.py --start outputs/default [--seconds 120] [--seeds 0 1 2]
+    python scripts/benchmark_rewards.py --start outputs/default [--prompts kjv] [--seconds 120] [--seeds 0 1 2]
         [--methods es grpo one_step_pg] [--grpo_lrs 3e-4 1e-4 3e-5] [--memory] [--output_dir outputs/benchmarks]
 
-Writes rewards.csv, rewards.png, rewards_samples.md (and rewards_memory.csv).
+Writes rewards_<prompts>.csv, rewards_<prompts>.png, rewards_<prompts>_samples.md (and rewards_memory.csv).
 """
 
 import json
@@ -40,72 +51,132 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainerCallback  # noqa: E402
 
 from hf_zoo_rnn.data import BUILTIN_KJV, PackedStream, open_text_source  # noqa: E402
-from hf_zoo_rnn.data.prompts import PromptStream  # noqa: E402
-from hf_zoo_rnn.rewards import Fluency, RewardObjective, distinct_4, member_seed  # noqa: E402
+from hf_zoo_rnn.data.prompts import PROMPT_TASKS, PromptStream  # noqa: E402
+from hf_zoo_rnn.rewards import Fluency, RewardObjective, add_exact, distinct_4, member_seed, reverse_exact  # noqa: E402
 from hf_zoo_rnn.training.evaluation import kl_to_reference, language_model_metrics  # noqa: E402
 from hf_zoo_rnn.training.policy_gradient import OneStepPolicyGradient  # noqa: E402
 from hf_zoo_rnn.training.reporting import write_table  # noqa: E402
 from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("es", "grpo", "one_step_pg")
-WEIGHTS = [1.0, 0.1]  # distinct_4, fluency: as configs/train/rewards-kjv.yaml
+METHODS = ("es", "es_pass4", "grpo", "one_step_pg", "ce")
+SETTINGS = (BUILTIN_KJV, *PROMPT_TASKS)
+TASK_REWARDS = {"add": add_exact, "reverse": reverse_exact}
+PASS_K = 4
 
 
 @dataclass
 class RewardBenchmarkArguments:
     start: str = field(default="outputs/default", metadata={"help": "the trained model every method starts from"})
+    prompts: str = field(default=BUILTIN_KJV, metadata={"help": f"the setting: one of {SETTINGS}"})
     seconds: float = field(default=120.0, metadata={"help": "training wall-clock per run"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "one run per seed"})
-    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"of {METHODS}"})
+    methods: list[str] = field(
+        default_factory=lambda: ["es", "grpo", "one_step_pg"], metadata={"help": f"of {METHODS}"}
+    )
     grpo_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-4, 3e-5], metadata={"help": "GRPO lr sweep"})
     grpo_beta: float = field(default=0.04, metadata={"help": "GRPO's KL coefficient"})
     pg_lr: float = field(default=1e-4, metadata={"help": "one-step policy gradient lr"})
+    ce_lr: float = field(default=3e-3, metadata={"help": "ce: the AdamW lr (the start's own, for a task)"})
     prompts_per_step: int = field(default=8, metadata={"help": "prompts per step (ES, GRPO, PG alike)"})
     group: int = field(default=8, metadata={"help": "GRPO / PG completions per prompt"})
-    max_new_tokens: int = field(default=40, metadata={"help": "completion length"})
+    max_new_tokens: int = field(default=40, metadata={"help": "completion length (kjv; a task's is its answer's)"})
+    task_max_length: int = field(default=10, metadata={"help": "a task's training lengths U[2, L]"})
     eval_prompts: int = field(default=64, metadata={"help": "held-out prompts evaluated"})
     memory: bool = field(default=False, metadata={"help": "also: peak RSS of an ES step against generation"})
     memory_lengths: list[int] = field(default_factory=lambda: [16, 1024], metadata={"help": "completion tokens"})
     output_dir: str = field(default="outputs/benchmarks", metadata={"help": "where the CSV, PNG, samples and runs go"})
     worker: str | None = field(default=None, metadata={"help": "internal: METHOD:SEED[:LR] in this process"})
 
+    @property
+    def is_task(self) -> bool:
+        return self.prompts in PROMPT_TASKS
+
+    @property
+    def completion_tokens(self) -> int:
+        """kjv: --max_new_tokens; a task: its longest answer at the training lengths and the end marker."""
+        return self.task_max_length + 2 if self.is_task else self.max_new_tokens
+
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def reward_functions(start, tokenizer) -> list:
-    return [distinct_4, Fluency(start, tokenizer)]
+def rewards_of(args: RewardBenchmarkArguments, start, tokenizer) -> tuple[list, list[float]]:
+    """The setting's reward functions and weights (as configs/train/rewards-kjv.yaml for kjv)."""
+    if args.is_task:
+        return [TASK_REWARDS[args.prompts]], [1.0]
+    return [distinct_4, Fluency(start, tokenizer)], [1.0, 0.1]
+
+
+def held_out(args: RewardBenchmarkArguments, split: str = "validation", count: int | None = None):
+    return PromptStream(args.prompts, split, count or args.eval_prompts, seed=0, max_task_length=args.task_max_length)
 
 
 def evaluate(model, start, tokenizer, args: RewardBenchmarkArguments) -> dict:
-    """Held-out greedy distinct-4, mean reward and KL to the start; validation loss; three samples."""
+    """kjv: held-out greedy distinct-4, reward, KL to the start and validation loss. A task: greedy exact match in
+    distribution (fresh prompts of the training lengths) and out of distribution, pass@4 in distribution. Samples."""
     model.eval()
-    stream = PromptStream(BUILTIN_KJV, "validation", args.eval_prompts, seed=0)
-    batch = stream.batch(0)
-    greedy = RewardObjective(tokenizer, reward_functions(start, tokenizer), WEIGHTS, args.max_new_tokens)
-    completions = greedy.completions(model, batch.prompts)
-    rewards = greedy.scored(batch.prompts, completions, {})
-    text = PackedStream(open_text_source(BUILTIN_KJV, "validation"), tokenizer, 128, 16)
-    return {
-        "distinct_4": statistics.mean(distinct_4(batch.prompts, completions)),
-        "reward": statistics.mean(rewards),
-        "kl_to_start": kl_to_reference(model, start, tokenizer, batch.prompts, completions),
-        "eval_loss": language_model_metrics(model, text, 4)["eval_loss"],
-        "samples": [p + " |" + c for p, c in zip(batch.prompts[:3], completions[:3], strict=True)],
-    }
+    functions, weights = rewards_of(args, start, tokenizer)
+    greedy = RewardObjective(tokenizer, functions, weights, args.completion_tokens)
+    if args.is_task:
+        seen = PromptStream(args.prompts, "train", args.eval_prompts, seed=12345, max_task_length=args.task_max_length)
+        batch, longer = seen.batch(0), held_out(args).batch(0)
+        completions = greedy.completions(model, batch.prompts)
+        ood = RewardObjective(tokenizer, functions, weights, args.task_max_length + 52)
+        best_of = RewardObjective(tokenizer, functions, weights, args.completion_tokens, do_sample=True,
+                                  samples=PASS_K, aggregation="best")  # fmt: skip
+        results = {
+            "exact_match": statistics.mean(greedy.scored(batch.prompts, completions, batch.columns)),
+            "exact_match_ood": statistics.mean(ood.prompt_rewards(model, longer.prompts, longer.columns)),
+            f"pass@{PASS_K}": statistics.mean(best_of.prompt_rewards(model, batch.prompts, batch.columns, seed=0)),
+        }
+    else:
+        batch = held_out(args).batch(0)
+        completions = greedy.completions(model, batch.prompts)
+        text = PackedStream(open_text_source(BUILTIN_KJV, "validation"), tokenizer, 128, 16)
+        results = {
+            "distinct_4": statistics.mean(distinct_4(batch.prompts, completions)),
+            "reward": statistics.mean(greedy.scored(batch.prompts, completions, batch.columns)),
+            "eval_loss": language_model_metrics(model, text, 4)["eval_loss"],
+        }
+    results["kl_to_start"] = kl_to_reference(model, start, tokenizer, batch.prompts, completions)
+    results["samples"] = [p + " |" + c for p, c in zip(batch.prompts[:3], completions[:3], strict=True)]
+    return results
 
 
-def run_es(args: RewardBenchmarkArguments, seed: int, out: Path) -> float:
-    command = [sys.executable, "-m", "hf_zoo_rnn.train", "--config", "rewards-kjv", "--init_from", args.start,
-               "--output_dir", str(out), "--overwrite_output_dir", "--seed", str(seed), "--max_steps", "100000",
-               "--max_train_seconds", str(args.seconds), "--batch_size", str(args.prompts_per_step),
-               "--max_new_tokens", str(args.max_new_tokens), "--eval_steps", "0", "--save_steps", "0",
-               "--log_with", "none"]  # fmt: skip
+def score(row: dict) -> float:
+    """What a run is ranked by: held-out reward (kjv) or exact match in distribution (a task)."""
+    return row.get("reward", row.get("exact_match", float("-inf")))
+
+
+def train_command(args: RewardBenchmarkArguments, seed: int, out: Path, *options: str) -> list[str]:
+    return [sys.executable, "-m", "hf_zoo_rnn.train", *options, "--init_from", args.start, "--output_dir", str(out),
+            "--overwrite_output_dir", "--seed", str(seed), "--max_steps", "1000000", "--max_train_seconds",
+            str(args.seconds), "--eval_steps", "0", "--save_steps", "0", "--log_with", "none"]  # fmt: skip
+
+
+def run_trainer(command: list[str], out: Path) -> int:
     subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return max(r["step"] for r in records)
+
+
+def run_es(args: RewardBenchmarkArguments, seed: int, out: Path, pass_k: bool) -> int:
+    options = ["--config", "rewards-kjv", "--batch_size", str(args.prompts_per_step),
+               "--max_new_tokens", str(args.completion_tokens)]  # fmt: skip
+    if args.is_task:
+        options += ["--prompts", args.prompts, "--rewards", TASK_REWARDS[args.prompts].__name__, "--reward_weights",
+                    "1", "--task_max_length", str(args.task_max_length)]  # fmt: skip
+    if pass_k:
+        options += ["--do_sample", "--reward_samples", str(PASS_K), "--reward_aggregation", "best"]
+    return run_trainer(train_command(args, seed, out, *options), out)
+
+
+def run_ce(args: RewardBenchmarkArguments, seed: int, out: Path) -> int:
+    options = ["--task", args.prompts, "--task_max_length", str(args.task_max_length), "--optimizer", "bptt_adamw",
+               "--bptt_lr", str(args.ce_lr), "--batch_size", str(args.prompts_per_step * args.group)]  # fmt: skip
+    return run_trainer(train_command(args, seed, out, *options), out)
 
 
 class StopAfter(TrainerCallback):
@@ -126,17 +197,19 @@ def run_grpo(args: RewardBenchmarkArguments, seed: int, lr: float, out: Path, mo
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    prompts = PromptStream(BUILTIN_KJV, "train", args.prompts_per_step * 500, seed=seed).batch(0).prompts
+    batch = PromptStream(args.prompts, "train", args.prompts_per_step * 500, seed=seed,
+                         max_task_length=args.task_max_length).batch(0)  # fmt: skip
+    functions, weights = rewards_of(args, start, tokenizer)
     config = GRPOConfig(
         output_dir=str(out), learning_rate=lr, beta=args.grpo_beta, num_generations=args.group,
-        per_device_train_batch_size=args.group * args.prompts_per_step, max_completion_length=args.max_new_tokens,
+        per_device_train_batch_size=args.group * args.prompts_per_step, max_completion_length=args.completion_tokens,
         max_steps=100000, seed=seed, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
-        disable_tqdm=True, reward_weights=WEIGHTS, dataloader_num_workers=0,
+        disable_tqdm=True, reward_weights=weights, dataloader_num_workers=0,
     )  # fmt: skip
     tokenizer.padding_side = "left"
     trainer = GRPOTrainer(
-        model=model, reward_funcs=reward_functions(start, tokenizer), args=config,
-        train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
+        model=model, reward_funcs=functions, args=config, processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": batch.prompts, **batch.columns}),
         callbacks=[StopAfter(args.seconds)],
     )  # fmt: skip
     trainer.train()
@@ -144,10 +217,11 @@ def run_grpo(args: RewardBenchmarkArguments, seed: int, lr: float, out: Path, mo
 
 
 def run_one_step_pg(args: RewardBenchmarkArguments, seed: int, model, start, tokenizer) -> int:
-    objective = RewardObjective(tokenizer, reward_functions(start, tokenizer), WEIGHTS, args.max_new_tokens,
-                                do_sample=True, samples=args.group)  # fmt: skip
+    functions, weights = rewards_of(args, start, tokenizer)
+    objective = RewardObjective(tokenizer, functions, weights, args.completion_tokens, do_sample=True,
+                                samples=args.group)  # fmt: skip
     learner = OneStepPolicyGradient(model, objective, args.pg_lr)
-    stream = PromptStream(BUILTIN_KJV, "train", args.prompts_per_step, seed=seed)
+    stream = PromptStream(args.prompts, "train", args.prompts_per_step, seed=seed, max_task_length=args.task_max_length)
     started, steps = time.perf_counter(), 0
     for batch in stream:
         if time.perf_counter() - started >= args.seconds:
@@ -155,6 +229,15 @@ def run_one_step_pg(args: RewardBenchmarkArguments, seed: int, model, start, tok
         learner.step(batch.prompts, batch.columns, member_seed(seed, steps, 0, 0))
         steps += 1
     return steps
+
+
+def generations_per_step(args: RewardBenchmarkArguments, method: str) -> int:
+    """Completions a step generates: ES, every member for every prompt (num_probes = 8 pairs, as rewards-kjv)."""
+    if method == "es":
+        return 2 * 8 * args.prompts_per_step
+    if method == "es_pass4":
+        return 2 * 8 * args.prompts_per_step * PASS_K
+    return 0 if method == "ce" else args.group * args.prompts_per_step
 
 
 def memory_worker(args: RewardBenchmarkArguments, mode: str, length: int) -> dict:
@@ -167,7 +250,7 @@ def memory_worker(args: RewardBenchmarkArguments, mode: str, length: int) -> dic
         run = partial(objective.completions, model, prompts)
     else:  # with the config's rewards: fluency holds a frozen copy of the start
         start = AutoModelForCausalLM.from_pretrained(args.start).eval().requires_grad_(False)
-        objective = RewardObjective(tokenizer, reward_functions(start, tokenizer), WEIGHTS, length)
+        objective = RewardObjective(tokenizer, *rewards_of(args, start, tokenizer), length)
         config = ZOConfig(num_probes=8, eps=0.01, lr=1e-3, update_rule="adam", loss_shaping="zscore")
         run = partial(ZOOptimizer(model, config).step, partial(objective.loss, model, prompts, {}))
     before, peak = rss_peak_during(run)
@@ -202,9 +285,9 @@ def worker(args: RewardBenchmarkArguments, spec: str, output_dir: Path) -> dict:
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(args.start)
     start = AutoModelForCausalLM.from_pretrained(args.start).eval().requires_grad_(False)
-    out = output_dir / "reward_runs" / spec.replace(":", "-")
-    if method == "es":
-        steps = run_es(args, seed, out)
+    out = output_dir / f"reward_runs_{args.prompts}" / spec.replace(":", "-")
+    if method in ("es", "es_pass4", "ce"):
+        steps = run_ce(args, seed, out) if method == "ce" else run_es(args, seed, out, pass_k=method == "es_pass4")
         model = AutoModelForCausalLM.from_pretrained(out)
     else:
         model = AutoModelForCausalLM.from_pretrained(args.start)
@@ -213,13 +296,14 @@ def worker(args: RewardBenchmarkArguments, spec: str, output_dir: Path) -> dict:
         else:
             steps = run_one_step_pg(args, seed, model, start, tokenizer)
     results = {"method": method if lr is None else f"{method} lr={lr:g}", "seed": seed, "steps": steps,
+               "generations_per_s": round(steps * generations_per_step(args, method) / args.seconds, 1),
                **evaluate(model, start, tokenizer, args), "peak_rss_mb": round(peak_rss_mb())}  # fmt: skip
     if method == "grpo":  # the sampled policy GRPO optimises, beside the greedy decoder
-        sampled = RewardObjective(tokenizer, reward_functions(start, tokenizer), WEIGHTS, args.max_new_tokens,
-                                  do_sample=True)  # fmt: skip
-        batch = PromptStream(BUILTIN_KJV, "validation", args.eval_prompts, seed=0).batch(0)
+        functions, weights = rewards_of(args, start, tokenizer)
+        sampled = RewardObjective(tokenizer, functions, weights, args.completion_tokens, do_sample=True)
+        batch = held_out(args, "train" if args.is_task else "validation").batch(0)
         texts = sampled.completions(model, batch.prompts, seed=seed)
-        results["sampled_distinct_4"] = statistics.mean(distinct_4(batch.prompts, texts))
+        results["sampled_reward"] = statistics.mean(sampled.scored(batch.prompts, texts, batch.columns))
         results["samples"] += [f"(sampled) {p} |{c}" for p, c in zip(batch.prompts[:2], texts[:2], strict=True)]
     return results
 
@@ -233,8 +317,10 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args, args.worker, output_dir)))
         return
     unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"benchmark_rewards.py: unknown method(s) {unknown}; choose from {METHODS}")
+    if unknown or args.prompts not in SETTINGS:
+        raise SystemExit(f"benchmark_rewards.py: choose --methods from {METHODS} and --prompts from {SETTINGS}")
+    if "ce" in args.methods and not args.is_task:
+        raise SystemExit("benchmark_rewards.py: ce (training on labels) needs a task: --prompts add or reverse")
     start = AutoModelForCausalLM.from_pretrained(args.start).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.start)
     rows = [{"method": "start", "seed": "", "steps": 0, **evaluate(start, start, tokenizer, args)}]
@@ -245,7 +331,7 @@ def main() -> None:
             continue
         sweep = [run_worker(f"grpo:{first}:{lr}") for lr in args.grpo_lrs]
         rows += sweep
-        best = max((r for r in sweep if "reward" in r), key=lambda r: r["reward"], default=None)
+        best = max((r for r in sweep if "error" not in r), key=score, default=None)
         if best is not None:
             lr = best["method"].split("lr=")[1]
             rows += [run_worker(f"grpo:{seed}:{lr}") for seed in rest]
@@ -257,9 +343,9 @@ def main() -> None:
     for row in rows:
         samples += [f"## {row['method']} seed {row.get('seed', '')}", ""] + [f"- {s}" for s in row.pop("samples", [])]
         samples.append("")
-    (output_dir / "rewards_samples.md").write_text("\n".join(samples))
-    write_table(rows, output_dir / "rewards.csv")
-    plot(rows, output_dir / "rewards.png")
+    (output_dir / f"rewards_{args.prompts}_samples.md").write_text("\n".join(samples))
+    write_table(rows, output_dir / f"rewards_{args.prompts}.csv")
+    plot(rows, output_dir / f"rewards_{args.prompts}.png", args)
 
 
 def run_worker(spec: str) -> dict:
@@ -272,14 +358,16 @@ def run_worker(spec: str) -> dict:
     return json.loads(lines[0][len("RESULT ") :])
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, args: RewardBenchmarkArguments) -> None:
+    """kjv: distinct-4 against validation loss per run; a task: exact match in and out of distribution per run."""
     fig, ax = plt.subplots(figsize=(7, 4))
+    x, y = ("eval_loss", "distinct_4") if not args.is_task else ("exact_match_ood", "exact_match")
     for row in rows:
-        if "distinct_4" in row:
-            ax.scatter(row["eval_loss"], row["distinct_4"], label=f"{row['method']} {row['seed']}".strip())
-    ax.set(
-        xlabel="validation loss (nats/token)", ylabel="held-out greedy distinct-4", title="training on a text reward"
-    )
+        if y in row:
+            ax.scatter(row[x], row[y], label=f"{row['method']} {row['seed']}".strip())
+    labels = {"eval_loss": "validation loss (nats/token)", "distinct_4": "held-out greedy distinct-4",
+              "exact_match": "greedy exact match, training lengths", "exact_match_ood": "exact match, longer"}  # fmt: skip
+    ax.set(xlabel=labels[x], ylabel=labels[y], title=f"training on rewards: {args.prompts}")
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
