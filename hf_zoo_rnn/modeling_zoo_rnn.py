@@ -206,120 +206,6 @@ def run_projected(cell: str, backend: str, wx, R, b, state):
     return states_all[0].view(batch, steps, *heads, dim), last[:, :, 0].view(state.shape)
 
 
-def stacked_linear(x, weight, bias=None):
-    """P linear layers at once: x [P, ..., in], weight [P, out, in], bias [P, out] -> [P, ..., out]. One bmm over
-    flattened rows (torch.matmul would broadcast, and so copy, the weight for every leading dimension)."""
-    rows = x.reshape(x.shape[0], -1, x.shape[-1])
-    out = (
-        torch.bmm(rows, weight.transpose(1, 2))
-        if bias is None
-        else torch.baddbmm(bias[:, None], rows, weight.transpose(1, 2))
-    )
-    return out.view(*x.shape[:-1], weight.shape[1])
-
-
-def stacked_layer_norm(x, weight, bias, eps: float):
-    """LayerNorm of P models at once: x [P, ..., C], weight and bias [P, C]."""
-    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
-    return torch.addcmul(bias.view(shape), F.layer_norm(x, x.shape[-1:], eps=eps), weight.view(shape))
-
-
-def member_linear_change(x, change):
-    """x [M, ..., n] through each member's change of a Linear weight: (x B_m) A_m^T for a low-rank change A_m B_m^T
-    (nothing m x n is formed), x D_m^T for a dense one D [M, m, n]."""
-    rows = x.reshape(x.shape[0], -1, x.shape[-1])
-    if change[0] == "dense":
-        out = torch.bmm(rows, change[1].transpose(1, 2))
-    else:
-        out = torch.bmm(torch.bmm(rows, change[2]), change[1].transpose(1, 2))
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def member_lookup(change, ids: torch.Tensor) -> torch.Tensor:
-    """Each member's change of the embedding rows `ids` [B, t] -> [M, B, t, E]: A[ids] B^T, or the dense rows."""
-    if change[0] == "dense":
-        return change[1][:, ids]
-    _, a, b = change
-    return torch.matmul(a[:, ids].flatten(1, 2), b.transpose(1, 2)).view(a.shape[0], *ids.shape, b.shape[1])
-
-
-def member_values(base: torch.Tensor, change) -> torch.Tensor:
-    """[M, *shape]: a dense parameter (a bias, a norm) of every member: base + its change, or base shared."""
-    return base + change[1] if change is not None else base[None]
-
-
-def member_recurrence(cell: str, xb, R, b_hn, state, change):
-    """The recurrence of M members folded into the batch: xb [M, B, T, G, N, D] projected inputs with their
-    biases, R [G, N, D, D] shared, b_hn [M, N, D] (GRU: the bias inside the reset product; None for LSTM),
-    state [S, M, B, N, D]; `change` is the members' low-rank change of R,
-    ("lowrank", A [M, G, N, D, r], B [M, G, N, D, r]) or None. Per step one matmul of the shared R (every gate,
-    every member's rows; R dense where `cpu_path` makes the single-model forward dense too), plus (h B) A^T per
-    member and head. Returns (h of every step [M, B, T, N, D], state)."""
-    gates, heads, dim = R.shape[:3]
-    members, batch = state.shape[1:3]
-    dense = cpu_path(heads, heads * dim) == "dense"
-    r_all = block_diagonal(R).T if dense else R.permute(1, 3, 0, 2).reshape(heads, dim, gates * dim)
-    if change is not None:
-        if change[0] != "lowrank":
-            raise ValueError("members_loss takes the recurrent kernel's change as low-rank factors")
-        rank = change[1].shape[-1]
-        b_all = change[2].permute(0, 2, 3, 1, 4).reshape(members, heads, dim, gates * rank)  # [M, N, D_in, G r]
-        a_all = change[1].permute(0, 2, 1, 4, 3)  # [M, N, G, r, D_out]
-
-    def recurrent(h):  # h [M, B, N, D] -> every gate's R h, per member: [M, B, G, N, D]
-        if dense:
-            out = torch.matmul(h.reshape(members * batch, -1), r_all).view(members, batch, gates, heads, dim)
-        else:
-            rows = h.permute(2, 0, 1, 3).reshape(heads, members * batch, dim)
-            out = torch.matmul(rows, r_all).view(heads, members, batch, gates, dim).permute(1, 2, 3, 0, 4)
-        if change is not None:
-            projected = torch.einsum("mbnd,mndk->mbnk", h, b_all).view(members, batch, heads, gates, rank)
-            out = out + torch.einsum("mbngr,mngro->mbgno", projected, a_all)
-        return out
-
-    if cell == "lstm":
-        h, c = state[0], state[1]
-    else:
-        b_hn = b_hn[:, None]  # [M, 1, N, D]
-        h = state[0]
-    outputs = []
-    for x in xb.unbind(2):  # [M, B, G, N, D] per step
-        pre = recurrent(h)
-        if cell == "lstm":  # gates (i, f, z, o)
-            pre = pre.add_(x)
-            i, f, o = torch.sigmoid(pre[:, :, 0]), torch.sigmoid(pre[:, :, 1]), torch.sigmoid(pre[:, :, 3])
-            c = torch.addcmul(f * c, i, torch.tanh(pre[:, :, 2]))
-            h = o * torch.tanh(c)
-        else:  # R gates (n, r, z), input gates (r, z, n)
-            reset = torch.sigmoid(pre[:, :, 1] + x[:, :, 0])
-            update = torch.sigmoid(pre[:, :, 2] + x[:, :, 1])
-            h = torch.lerp(torch.tanh((pre[:, :, 0] + b_hn) * reset + x[:, :, 2]), h, update)
-        outputs.append(h)
-    return torch.stack(outputs, dim=2), (torch.stack((h, c)) if cell == "lstm" else h[None])
-
-
-def by_layer(values: dict, num_layers: int) -> list[dict]:
-    """Split a parameter-name -> value mapping into one mapping per layer, keyed by the name inside the layer."""
-    layers = []
-    for i in range(num_layers):
-        prefix = f"model.layers.{i}."
-        layers.append({k.removeprefix(prefix): v for k, v in values.items() if k.startswith(prefix)})
-    return layers
-
-
-def per_model_loss_sums(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy of each of M models' logits [M, B, t, V] against the shared targets [B, t], and the
-    number of scored positions per model."""
-    models = logits.shape[0]
-    losses = F.cross_entropy(
-        logits.to(dtype).flatten(0, 2),
-        targets.expand(models, -1, -1).flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
-    return losses.view(models, -1).sum(1), int((targets != IGNORE_INDEX).sum())
-
-
 def shifted_targets(labels: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Next-token targets of positions [start, end): labels[start + 1 : end + 1]; the last position has none."""
     targets = labels[:, start + 1 : end + 1]
@@ -328,31 +214,28 @@ def shifted_targets(labels: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return targets
 
 
-def padding_of(attention_mask: torch.Tensor | None, steps: int) -> torch.Tensor | None:
-    """Left padding, the only kind a recurrence can honour exactly: per row the number of padded positions among
-    the last `steps` inputs (the mask may also cover earlier, already processed ones, as generate sends it), or
-    None when there are none. Any other mask (a zero after a one) is refused."""
-    if attention_mask is None or bool(attention_mask.all()):
+def read_mask(attention_mask: torch.Tensor | None, steps: int) -> torch.Tensor | None:
+    """Which of the last `steps` inputs each row reads, [B, steps] bools (the mask may also cover earlier, already
+    processed positions, as generate sends it), or None when every row reads every one. A masked position is not
+    read: the row's state passes it unchanged. So a row computes what it would without its masked tokens, whether
+    they are left padding (batched prompts), right padding (TRL's prompt + completion batches) or in between."""
+    if attention_mask is None or bool(attention_mask[:, -steps:].all()):
         return None
-    mask = attention_mask.bool()
-    if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
-        raise ValueError(
-            "ZooRnn honours left padding only (each row of attention_mask: zeros, then ones); this mask has a zero "
-            "after a one. Pad on the left (tokenizer.padding_side = 'left') or pass unpadded inputs"
-        )
-    return (~mask[:, -steps:]).sum(1)
+    return attention_mask[:, -steps:].bool()
 
 
-def unpadded_spans(padding: torch.Tensor | None, start: int, end: int):
-    """Split positions [start, end) where a row's left padding ends: yields (from, to, rows still padded throughout
-    [from, to), or None when none are). Their state must stay as it was: a padded row starts when its text does."""
-    if padding is None or bool((padding <= start).all()):
+def read_spans(mask: torch.Tensor | None, start: int, end: int):
+    """Split positions [start, end) wherever a row starts or stops reading: yields (from, to, rows that read
+    nothing in [from, to), or None when every row reads all of it). Those rows' state must stay as it was."""
+    if mask is None:
         yield start, end, None
         return
-    cuts = sorted({start, end, *(int(p) for p in padding if start < p < end)})
+    part = mask[:, start:end]
+    changes = (part[:, 1:] != part[:, :-1]).any(0).nonzero().flatten() + start + 1
+    cuts = [start, *changes.tolist(), end]
     for low, high in zip(cuts, cuts[1:], strict=False):
-        padded = padding >= high
-        yield low, high, padded if bool(padded.any()) else None
+        skipped = ~mask[:, low]
+        yield low, high, skipped if bool(skipped.any()) else None
 
 
 IGNORED_INPUTS = ("position_ids", "cache_position", "past_key_values")  # a recurrence has no positions and no kv cache
@@ -490,67 +373,6 @@ class ZooRnnLayer(GradientCheckpointingLayer):
         out = h_all.reshape(batch, steps, -1)
         return (out + x if self.residual else out), state
 
-    def stacked_forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor], state: torch.Tensor):
-        """P copies of this layer with their own weights, run as one layer of P * N heads.
-
-        x [P, B, T, in]; `weights` maps this layer's parameter names to [P, *shape] stacks; state [S, B, P, N, D].
-        """
-        models, batch, steps, _ = x.shape
-        heads, dim = self.num_heads, self.head_dim
-        normed = x
-        if self.norm is not None:
-            normed = stacked_layer_norm(x, weights["norm.weight"], weights["norm.bias"], self.norm.eps)
-        wx = stacked_linear(normed, weights["input_proj.weight"]).view(models, batch, steps, -1, heads, dim)
-        # head dims (P, N) = model p, head n. R is laid out so once (matmul folds (P, N) into one batch dim only
-        # when they are contiguous); wx and b are only viewed
-        R = weights["recurrent_kernel"].transpose(0, 1).contiguous()  # [G, P, N, D, D]
-        b = weights["bias"].transpose(0, 1)  # [G_b, P, N, D]
-        h_all, state = self.recur(run_projected, wx.permute(1, 2, 3, 0, 4, 5), R, b, state)  # h_all [B, T, P, N, D]
-        out = h_all.permute(2, 0, 1, 3, 4).reshape(models, batch, steps, heads * dim)
-        return (out + x if self.residual else out), state
-
-    def members_forward(self, x: torch.Tensor, changes: dict, state: torch.Tensor, shared_input=None):
-        """M perturbed copies of this layer sharing its weights, their inputs x [M, B, T, in] folded into one batch:
-        `changes` maps this layer's parameter names to ("lowrank", A, B) — the member's change of a matrix is
-        A B^T — or ("dense", [M, *shape]); absent means unchanged. state [S, M, B, N, D].
-
-        The projected inputs are one shared product plus, per member, one small matmul that adds every per-member
-        term at once: [low-rank inputs | 1] @ [their output factors ; the member's bias]. `shared_input`, for a
-        first layer without a pre-norm, is (x's shared part through W [B, T, out], lhs [M, B, T, k], rhs
-        [M, k, out]): the members' embedding changes through W, computed by the caller (members_loss)."""
-        members, batch, steps, _ = x.shape
-        normed = x
-        if self.norm is not None:
-            weight = member_values(self.norm.weight, changes.get("norm.weight"))
-            bias = member_values(self.norm.bias, changes.get("norm.bias"))
-            normed = stacked_layer_norm(x, weight.expand(members, -1), bias.expand(members, -1), self.norm.eps)
-        rows = normed.reshape(members, batch * steps, -1)
-        lhs, rhs = [], []
-        if shared_input is None:
-            base = F.linear(rows, self.input_proj.weight)
-        else:
-            base, first_lhs, first_rhs = shared_input
-            base = base.reshape(1, batch * steps, -1)
-            lhs.append(first_lhs.reshape(members, batch * steps, -1))
-            rhs.append(first_rhs)
-        change = changes.get("input_proj.weight")
-        if change is not None:
-            lhs.append(torch.bmm(rows, change[2]) if change[0] == "lowrank" else rows)
-            rhs.append(change[1].transpose(1, 2))
-        bias = member_values(self.bias, changes.get("bias")).expand(members, -1, -1, -1)
-        b_hn = None
-        if self.cell == "gru":  # (b_hn, b_r, b_z, b_in): b_hn acts inside the reset product, the rest on the input
-            b_hn, bias = bias[:, 0], bias[:, 1:]
-        lhs.append(rows.new_ones(members, batch * steps, 1))
-        rhs.append(bias.reshape(members, 1, -1))
-        xb = torch.baddbmm(base, torch.cat(lhs, 2), torch.cat(rhs, 1))
-        xb = xb.view(members, batch, steps, -1, self.num_heads, self.head_dim)
-        hidden, state = member_recurrence(
-            self.cell, xb, self.recurrent_kernel, b_hn, state, changes.get("recurrent_kernel")
-        )
-        out = hidden.reshape(members, batch, steps, -1)
-        return (out + x if self.residual else out), state
-
     def recur(self, run, *inputs):
         """`run(cell, backend, *inputs)` on this layer's backend. FlashRNN raises ValueError when its fused kernel
         cannot fit the shape; "auto" then uses `cuda` for this layer from now on."""
@@ -654,14 +476,14 @@ class ZooRnnModel(ZooRnnPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        padding = padding_of(attention_mask, steps)
+        mask = read_mask(attention_mask, steps)
         state = list(state if state is not None else self.initial_state(inputs_embeds.shape[0]))
-        # Time chunks bound each recurrent call; the state carries across them exactly. Left padding splits a chunk
-        # where a row's text starts, and a row still padded keeps its state through the span.
+        # Time chunks bound each recurrent call; the state carries across them exactly. A mask splits a chunk where a
+        # row starts or stops reading, and a row that reads nothing in a span keeps its state through it.
         spans = [
             span
             for start in range(0, steps, self.config.chunk_size)
-            for span in unpadded_spans(padding, start, min(start + self.config.chunk_size, steps))
+            for span in read_spans(mask, start, min(start + self.config.chunk_size, steps))
         ]
         if output_hidden_states:  # layer by layer: every returned tensor is the one the next layer read
             all_hidden = [inputs_embeds]
@@ -693,7 +515,7 @@ class ZooRnnModel(ZooRnnPreTrainedModel):
 
     @staticmethod
     def step_layer(layer, hidden: torch.Tensor, state: torch.Tensor, padded: torch.Tensor | None):
-        """One layer over one span; rows still in their left padding keep the state they had."""
+        """One layer over one span; rows that read nothing in it (masked) keep the state they had."""
         hidden, new_state = layer(hidden, state)
         if padded is not None:
             new_state = torch.where(padded.view(1, -1, 1, 1), state, new_state)
@@ -739,9 +561,9 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
         state (`tuple[torch.Tensor]`, *optional*):
             Recurrent state to start from (the `state` of a previous output); zeros when None.
         attention_mask (`torch.Tensor` [B, T] or [B, past + T], *optional*):
-            Left padding (zeros, then ones per row): a row's state stays as it was through its padded positions,
-            so each row computes what it would alone; the logits at padded positions mean nothing and are never
-            scored (the loss is each row's own). Any other mask is an error.
+            Zeros mark positions a row does not read (left or right padding, or masked tokens): the row's state
+            stays as it was through them, so each row computes what it would without them; the logits at masked
+            positions mean nothing and are never scored (the loss is each row's own).
         logits_to_keep (`int`, defaults to 0):
             Return logits for the last `logits_to_keep` positions only; 0 returns all of them.
         num_items_in_batch (*optional*): divide the summed loss by this count (transformers' Trainer passes the
@@ -759,7 +581,7 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
         steps = source.shape[1]
         if steps == 0:
             raise ValueError(EMPTY_INPUT)
-        padding = padding_of(attention_mask, steps)
+        mask = read_mask(attention_mask, steps)
         scoring = labels is not None or shift_labels is not None
         weight_dtype = self.model.embeddings.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
         loss_dtype = torch.promote_types(weight_dtype, torch.float32)  # never score in half precision
@@ -773,9 +595,7 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
             end = min(start + span, steps)
             piece = source[:, start:end]
             chunk = self.model.embeddings(piece) if inputs_embeds is None else piece
-            chunk_mask = (
-                None if padding is None else (torch.arange(start, end, device=piece.device) >= padding[:, None])
-            )
+            chunk_mask = None if mask is None else mask[:, start:end]
             out = self.model(
                 inputs_embeds=chunk,
                 state=state,
@@ -794,7 +614,9 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
                         chunk_targets = shift_labels[:, start:end]
                     else:
                         chunk_targets = shifted_targets(labels, start, end)
-                    if chunk_mask is not None:  # a prediction made from padding is not the model's: never score it
+                    if (
+                        chunk_mask is not None
+                    ):  # a prediction made at a masked position is not the model's: never score it
                         chunk_targets = chunk_targets.masked_fill(~chunk_mask, IGNORE_INDEX)
                     loss_sum = loss_sum + F.cross_entropy(
                         logits.to(loss_dtype).flatten(0, 1),
@@ -866,122 +688,6 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
         if record is not None:
             record.state, record.read = outputs.get("state"), record.pending
         return model_kwargs
-
-    def stacked_loss(
-        self, parameters: dict[str, torch.Tensor], input_ids: torch.LongTensor, labels: torch.LongTensor
-    ) -> torch.Tensor:
-        """Losses of P models in one forward (zero-order probes): `parameters` maps every parameter name, tied
-        weights once as `named_parameters()` lists them, to a [P, *shape] stack of the P models' values.
-
-        Each layer runs as one layer of P * N heads — the block-diagonal recurrence makes P models one wider
-        model — so P small models cost far less than P forwards. Returns [P] losses; model p's equals
-        `forward(input_ids, labels=labels).loss` with its parameters, up to floating-point summation order.
-        """
-        config = self.config
-        embeddings = parameters["model.embeddings.weight"]  # [P, V, E]
-        models, batch = embeddings.shape[0], input_ids.shape[0]
-        head_weight = embeddings if config.tie_word_embeddings else parameters["lm_head.weight"]
-        head_bias = parameters.get("lm_head.bias")
-        layer_weights = by_layer(parameters, config.num_hidden_layers)
-        state_shape = (CELL_SHAPES[config.cell][3], batch, models, config.num_heads, config.head_dim)
-        states = [embeddings.new_zeros(state_shape) for _ in layer_weights]
-        loss_dtype = torch.promote_types(embeddings.dtype, torch.float32)
-        loss_sum = embeddings.new_zeros(models, dtype=loss_dtype)
-        scored, steps = 0, input_ids.shape[1]
-        for start in range(0, steps, config.chunk_size):
-            end = min(start + config.chunk_size, steps)
-            hidden = embeddings[:, input_ids[:, start:end]]  # [P, B, t, E]
-            for i, layer in enumerate(self.model.layers):
-                hidden, states[i] = layer.stacked_forward(hidden, layer_weights[i], states[i])
-            if self.model.norm_f is not None:
-                weight, bias = parameters["model.norm_f.weight"], parameters["model.norm_f.bias"]
-                hidden = stacked_layer_norm(hidden, weight, bias, config.layer_norm_eps)
-            logits = stacked_linear(hidden, head_weight, head_bias)  # [P, B, t, V]
-            chunk_sums, chunk_scored = per_model_loss_sums(logits, shifted_targets(labels, start, end), loss_dtype)
-            loss_sum += chunk_sums
-            scored += chunk_scored
-        return loss_sum / scored
-
-    def stacked_bytes_per_model(self, batch_size: int, steps: int) -> int:
-        """Rough memory one more model adds to `stacked_loss`: its weights, and one time chunk of activations
-        (embeddings, projected inputs and their re-laid copy, hidden states, logits and their log-softmax)."""
-        config = self.config
-        input_gates = CELL_SHAPES[config.cell][0]
-        weights = sum(p.numel() * p.element_size() for p in self.parameters())
-        per_token = config.embedding_size + config.num_hidden_layers * config.hidden_size * (2 * input_gates + 2)
-        per_token += 2 * config.vocab_size
-        return weights + batch_size * min(steps, config.chunk_size) * per_token * 4
-
-    def members_loss(self, changes: dict, input_ids: torch.LongTensor, labels: torch.LongTensor) -> torch.Tensor:
-        """Losses of M perturbed copies of this model in one forward over [M x B] sequences, with no copy of the
-        weights: every member reads the shared parameters plus its own change. `changes` maps parameter names
-        (tied weights once, as `named_parameters()` lists them) to ("lowrank", A [M, *, m, r], B [M, *, n, r]) —
-        the member's change of a matrix is A B^T, of a stacked tensor such as the recurrent kernel [G, N, D, D] one
-        per block — or ("dense", [M, *shape]); absent parameters are unchanged. The change of an embedding row is
-        A[row] B^T, a lookup. Returns [M] losses; member m's equals `forward(input_ids, labels=labels).loss` with
-        its parameters, up to floating-point summation order (tested)."""
-        config = self.config
-        members = next(iter(changes.values()))[1].shape[0]
-        embedding_change = changes.get("model.embeddings.weight")
-        head_change = embedding_change if config.tie_word_embeddings else changes.get("lm_head.weight")
-        layer_changes = by_layer(changes, config.num_hidden_layers)
-        batch = input_ids.shape[0]
-        state_shape = (CELL_SHAPES[config.cell][3], members, batch, config.num_heads, config.head_dim)
-        embedding_weight = self.model.embeddings.weight
-        states = [embedding_weight.new_zeros(state_shape) for _ in layer_changes]
-        loss_dtype = torch.promote_types(embedding_weight.dtype, torch.float32)
-        loss_sum = embedding_weight.new_zeros(members, dtype=loss_dtype)
-        scored, steps = 0, input_ids.shape[1]
-        # Without a pre-norm the first layer's input projection is linear in the shared embedding: W e once for all
-        # members, and W A[ids] B^T = A[ids] (W B)^T per member, r numbers per token; (W B)^T is the same every chunk
-        first = self.model.layers[0]
-        shares_projection = first.norm is None and (embedding_change is None or embedding_change[0] == "lowrank")
-        if shares_projection:
-            projection = first.input_proj.weight
-            if embedding_change is None:
-                first_rhs = projection.new_zeros(members, 0, projection.shape[0])
-            else:
-                first_rhs = torch.matmul(projection, embedding_change[2]).transpose(1, 2)  # [M, r, out]
-        for start in range(0, steps, config.chunk_size):
-            end = min(start + config.chunk_size, steps)
-            ids = input_ids[:, start:end]
-            embedded = self.model.embeddings(ids)  # [B, t, E], shared
-            hidden = embedded.expand(members, -1, -1, -1)  # [M, B, t, E]
-            if embedding_change is not None:
-                hidden = hidden + member_lookup(embedding_change, ids)
-            shared_input = None
-            if shares_projection:
-                if embedding_change is None:
-                    first_lhs = embedded.new_zeros(members, *ids.shape, 0)
-                else:
-                    first_lhs = embedding_change[1][:, ids]  # [M, B, t, r]
-                shared_input = (F.linear(embedded, projection), first_lhs, first_rhs)
-            for i, layer in enumerate(self.model.layers):
-                hidden, states[i] = layer.members_forward(
-                    hidden, layer_changes[i], states[i], shared_input if i == 0 else None
-                )
-            if self.model.norm_f is not None:
-                norm = self.model.norm_f
-                scale = member_values(norm.weight, changes.get("model.norm_f.weight")).expand(members, -1)
-                shift = member_values(norm.bias, changes.get("model.norm_f.bias")).expand(members, -1)
-                hidden = stacked_layer_norm(hidden, scale, shift, norm.eps)
-            logits = F.linear(hidden, self.lm_head.weight)  # [M, B, t, V]
-            if head_change is not None:
-                logits = logits + member_linear_change(hidden, head_change)
-            if self.lm_head.bias is not None:
-                logits = logits + member_values(self.lm_head.bias, changes.get("lm_head.bias"))[:, None, None]
-            chunk_sums, chunk_scored = per_model_loss_sums(logits, shifted_targets(labels, start, end), loss_dtype)
-            loss_sum += chunk_sums
-            scored += chunk_scored
-        return loss_sum / scored
-
-    def members_bytes_per_member(self, batch_size: int, steps: int) -> int:
-        """Rough memory one more member adds to `members_loss`: one time chunk of its activations (no weights)."""
-        config = self.config
-        input_gates = CELL_SHAPES[config.cell][0]
-        per_token = config.embedding_size + config.num_hidden_layers * config.hidden_size * (2 * input_gates + 4)
-        per_token += 3 * config.vocab_size
-        return batch_size * min(steps, config.chunk_size) * per_token * 4
 
 
 __all__ = ["ZooRnnForCausalLM", "ZooRnnModel", "ZooRnnPreTrainedModel", "ZooRnnLayer"]

@@ -41,22 +41,22 @@ from hf_zoo_rnn.training.reporting import logged_metrics, write_table  # noqa: E
 
 ROOT = Path(__file__).resolve().parent.parent
 # every method names its local gradient and probe count: none may depend on train.py's defaults
-READOUT = ["--local_gradient", "readout", "--num_probes", "16"]
+READOUT = ["--local_gradient", "readout", "--zo_num_probes", "16"]
 ONE_STEP = ["--local_gradient", "one_step"]
-NO_PROBES = ["--num_probes", "0"]
-LOW_RANK = ["--perturbation", "lowrank", "--perturbation_rank"]
+NO_PROBES = ["--zo_num_probes", "0"]
+LOW_RANK = ["--zo_perturbation", "lowrank", "--zo_perturbation_rank"]
 # name -> (train.py arguments, the probe-free baseline it builds on)
 METHODS: dict[str, tuple[list[str], str | None]] = {
-    "pure_zo": (["--local_gradient", "none", "--num_probes", "16"], None),
+    "pure_zo": (["--local_gradient", "none", "--zo_num_probes", "16"], None),
     "readout_only": ([*READOUT, *NO_PROBES], None),
     "one_step_only": ([*ONE_STEP, *NO_PROBES], None),
     "readout+zo": (READOUT, "readout_only"),
-    "readout+zo_forward": ([*READOUT, "--difference", "forward"], "readout_only"),
-    "readout+zo_guided_updates": ([*READOUT, "--guide", "updates"], "readout_only"),
+    "readout+zo_forward": ([*READOUT, "--zo_difference", "forward"], "readout_only"),
+    "readout+zo_guided_updates": ([*READOUT, "--zo_guide", "updates"], "readout_only"),
     # the readout kept near its optimum for the current features, so the probes only have to improve the features
-    "readout+zo_forward_x16": ([*READOUT, "--difference", "forward", "--local_steps", "16"], "readout_only"),
+    "readout+zo_forward_x16": ([*READOUT, "--zo_difference", "forward", "--local_steps", "16"], "readout_only"),
     "one_step+zo_bias": (
-        [*ONE_STEP, "--zo_parameters", "*.bias", "--num_probes", "8", "--difference", "forward"],
+        [*ONE_STEP, "--zo_parameters", "*.bias", "--zo_num_probes", "8", "--zo_difference", "forward"],
         "one_step_only",
     ),  # fmt: skip
     "one_step+zo_guided": (
@@ -64,21 +64,21 @@ METHODS: dict[str, tuple[list[str], str | None]] = {
             *ONE_STEP,
             "--zo_parameters",
             "model.layers.*",
-            "--guide",
+            "--zo_guide",
             "local",
-            "--num_probes",
+            "--zo_num_probes",
             "8",
-            "--difference",
+            "--zo_difference",
             "forward",
         ],
         "one_step_only",
     ),  # fmt: skip
     "bptt_adamw": (["--optimizer", "bptt_adamw", "--bptt_lr", "3e-3", "--bptt_truncation", "32"], None),
     # low-rank probes (EGGROLL): rank 1 and 4 at the pure method's K, and rank 1 at 16 x K as one batch per step
-    "pure_zo_lowrank_r1": (["--local_gradient", "none", "--num_probes", "16", *LOW_RANK, "1"], None),
-    "pure_zo_lowrank_r4": (["--local_gradient", "none", "--num_probes", "16", *LOW_RANK, "4"], None),
+    "pure_zo_lowrank_r1": (["--local_gradient", "none", "--zo_num_probes", "16", *LOW_RANK, "1"], None),
+    "pure_zo_lowrank_r4": (["--local_gradient", "none", "--zo_num_probes", "16", *LOW_RANK, "4"], None),
     "pure_zo_lowrank_r1_k256": (
-        ["--local_gradient", "none", "--num_probes", "256", *LOW_RANK, "1", "--probes_per_forward", "0"],
+        ["--local_gradient", "none", "--zo_num_probes", "256", *LOW_RANK, "1", "--zo_probes_per_forward", "0"],
         None,
     ),  # fmt: skip
 }
@@ -195,8 +195,8 @@ def plot(section: str, runs: dict[str, list[dict]], path: Path) -> None:
 def gradient_cosines(train_arguments: list[str], probes: tuple[int, ...] = (16, 256), seeds: int = 3) -> list[dict]:
     """Cosine of each estimator with the full BPTT gradient, on one batch of the default run at initialisation
     (fp64, so the finite differences measure the estimator, not rounding)."""
+    from hf_zoo_rnn.forwards.local import accumulate_local_gradients
     from hf_zoo_rnn.training import ZooTrainer, parse_arguments
-    from hf_zoo_rnn.training.local_gradients import accumulate_local_gradients
     from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -32,10 +32,8 @@ from transformers import AutoModelForCausalLM, HfArgumentParser  # noqa: E402
 
 import hf_zoo_rnn  # noqa: E402, F401  (registers the Auto classes)
 from hf_zoo_rnn.config_files import load_model_config  # noqa: E402
-from hf_zoo_rnn.training.local_gradients import (  # noqa: E402
-    accumulate_local_gradients,
-    partition_parameters,
-)
+from hf_zoo_rnn.estimators.local import partition_parameters  # noqa: E402
+from hf_zoo_rnn.forwards.local import accumulate_local_gradients  # noqa: E402
 from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer  # noqa: E402
 
 MODES = ("inference", "zo", "readout+zo", "one_step", "bptt")

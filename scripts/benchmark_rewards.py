@@ -52,9 +52,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 
 from hf_zoo_rnn.data import BUILTIN_KJV, PackedStream, open_text_source  # noqa: E402
 from hf_zoo_rnn.data.prompts import PROMPT_TASKS, PromptStream  # noqa: E402
+from hf_zoo_rnn.estimators.policy_gradient import OneStepPolicyGradient  # noqa: E402
 from hf_zoo_rnn.rewards import Fluency, RewardObjective, add_exact, distinct_4, member_seed, reverse_exact  # noqa: E402
 from hf_zoo_rnn.training.evaluation import kl_to_reference, language_model_metrics  # noqa: E402
-from hf_zoo_rnn.training.policy_gradient import OneStepPolicyGradient  # noqa: E402
 from hf_zoo_rnn.training.reporting import write_table  # noqa: E402
 from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer  # noqa: E402
 

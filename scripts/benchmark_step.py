@@ -30,8 +30,9 @@ from transformers import AutoModelForCausalLM, HfArgumentParser  # noqa: E402
 
 import hf_zoo_rnn  # noqa: E402, F401  (registers the Auto classes)
 from hf_zoo_rnn.config_files import load_model_config  # noqa: E402
+from hf_zoo_rnn.estimators.zero_order import population_loss  # noqa: E402
 from hf_zoo_rnn.training.trainer import peak_memory_mb  # noqa: E402
-from hf_zoo_rnn.zo import StackedLoss, ZOConfig, ZOOptimizer  # noqa: E402
+from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer  # noqa: E402
 from hf_zoo_rnn.zo.optimizer import probes_per_forward  # noqa: E402
 
 
@@ -90,11 +91,10 @@ def measure(path: str, perturbation: str, per_forward: int, args: StepBenchmarkA
         perturbation=perturbation, perturbation_rank=args.perturbation_rank, stacked_memory_mb=args.stacked_memory_mb,
     )  # fmt: skip
     zo = ZOOptimizer(model, config)
-    build = StackedLoss.members_of_model if perturbation == "lowrank" else StackedLoss.of_model
-    stacked = build(model, zo.names, ids, ids)
+    stacked = population_loss(model, zo.names, ids, ids, members=perturbation == "lowrank")
     group = probes_per_forward(per_forward, args.num_probes, 2, stacked.bytes_per_model, args.stacked_memory_mb)
-    zo.step(loss_fn, stacked_loss=stacked)  # warm-up
-    stats = [zo.step(loss_fn, stacked_loss=stacked) for _ in range(args.steps)]
+    zo.step(loss_fn, population_loss=stacked)  # warm-up
+    stats = [zo.step(loss_fn, population_loss=stacked) for _ in range(args.steps)]
     total = sum(s.seconds_total for s in stats) / len(stats)
     forward = sum(s.seconds_forward for s in stats) / len(stats)
     update = sum(s.seconds_update for s in stats) / len(stats)

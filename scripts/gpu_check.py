@@ -28,8 +28,9 @@ from transformers import HfArgumentParser
 
 from hf_zoo_rnn import ZooRnnConfig, ZooRnnForCausalLM
 from hf_zoo_rnn.config_files import load_model_config
-from hf_zoo_rnn.training.local_gradients import accumulate_local_gradients
-from hf_zoo_rnn.zo import StackedLoss, ZOConfig, ZOOptimizer
+from hf_zoo_rnn.estimators.zero_order import population_loss
+from hf_zoo_rnn.forwards.local import accumulate_local_gradients
+from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("parity", "throughput", "table1", "memory", "product")
@@ -182,13 +183,13 @@ def throughput(dry_run: bool):
     )
     zo = ZOOptimizer(model, ZOConfig(num_probes=probes, perturbation="lowrank", probes_per_forward=probes,
                                      stacked_memory_mb=1e9, lr=1e-4, eps=1e-3))  # fmt: skip
-    stacked = StackedLoss.members_of_model(model, zo.names, ids, ids)
+    stacked = population_loss(model, zo.names, ids, ids, members=True)
 
     def loss_fn():
         return model(ids, labels=ids, logits_to_keep=1).loss
 
-    zo.step(loss_fn, stacked_loss=stacked)
-    seconds = timed(partial(zo.step, loss_fn, stacked_loss=stacked), device)[0]
+    zo.step(loss_fn, population_loss=stacked)
+    seconds = timed(partial(zo.step, loss_fn, population_loss=stacked), device)[0]
     member_rate = 2 * probes * ids.numel() / seconds
     plain = forward_tokens_per_second(model, ids.repeat(2 * probes, 1), device)
     yield row("throughput", f"{config.num_heads}x{config.head_dim} low-rank K={probes} as one batch",

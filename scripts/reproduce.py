@@ -42,7 +42,7 @@ OVERFIT = [
 ]
 # The paper's tied lr = eps = 0.1 diverged here after ~40 steps (update norm ~10 per step against a weight norm
 # of ~25): the overfit experiment shows it for 150 steps, and every other ZO run uses lr = eps = 0.01.
-ZO_STABLE = ["--eps", "0.01"]
+ZO_STABLE = ["--zo_eps", "0.01"]
 LONG_EVAL = ["--eval_steps", "300", "--task_eval_examples", "128"]
 TASK_STEPS, LM_STEPS = ["--max_steps", "150", "--eval_steps", "50"], ["--max_steps", "150", "--eval_steps", "25"]
 EXPERIMENTS: dict[str, dict[str, list[str]]] = {

@@ -57,7 +57,7 @@ TINY_MODEL = ROOT / "tests" / "tiny_model.yaml"
 # trainer arguments small enough for CI: 2 x 32-token blocks, pure ZO with 4 probes, a 300-token BPE trained on 50K
 # characters
 FAST_TRAINING = [
-    "--local_gradient", "none", "--model_config", str(TINY_MODEL), "--batch_size", "2", "--context_length", "32", "--num_probes", "4",
+    "--local_gradient", "none", "--model_config", str(TINY_MODEL), "--batch_size", "2", "--context_length", "32", "--zo_num_probes", "4",
     "--tokenizer_vocab_size", "300", "--tokenizer_sample_chars", "50000", "--eval_batches", "1",
     "--logging_steps", "1", "--checksum_steps", "1",
 ]  # fmt: skip

@@ -31,7 +31,7 @@ results["per_rank_tokens"] = per_rank.counters["tokens"]
 hybrid = ZooTrainer(
     *parse_arguments(
         ["--output_dir", str(out / "hybrid"), *common, "--per_rank_batches", "--max_steps", "2",
-         "--local_gradient", "one_step", "--zo_parameters", "*.bias", "--guide", "local"]
+         "--local_gradient", "one_step", "--zo_parameters", "*.bias", "--zo_guide", "local"]
     )
 )  # fmt: skip
 hybrid.train()
@@ -52,7 +52,7 @@ try:
 except ReplicaMismatchError as error:
     results["mismatch_detected"] = "processes hold different weights" in str(error)
 
-odd = ZooTrainer(*parse_arguments(["--output_dir", str(out / "odd"), *common, "--num_probes", "3"]))
+odd = ZooTrainer(*parse_arguments(["--output_dir", str(out / "odd"), *common, "--zo_num_probes", "3"]))
 try:
     odd.train()
     results["odd_probes_error"] = ""

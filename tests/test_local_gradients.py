@@ -8,11 +8,8 @@ import torch
 from conftest import small_config
 
 from hf_zoo_rnn import ZooRnnForCausalLM
-from hf_zoo_rnn.training.local_gradients import (
-    LocalGradientStep,
-    accumulate_local_gradients,
-    readout_parameter_names,
-)
+from hf_zoo_rnn.estimators.local import LocalGradientStep
+from hf_zoo_rnn.forwards.local import accumulate_local_gradients, readout_parameter_names
 
 VARIANTS = [
     dict(cell="lstm"),

@@ -122,10 +122,10 @@ def test_machines_with_their_own_disks_save_kill_and_resume_bitwise(tmp_path):
 def test_an_odd_probe_count_on_two_processes_is_the_root_cause_of_the_launch_failure(tmp_path):
     result = subprocess.run(
         [*launch("--num_processes", "2", "--num_machines", "1"), "--output_dir", str(tmp_path), *ARGS,
-         "--num_probes", "3", "--max_steps", "1"],
+         "--zo_num_probes", "3", "--max_steps", "1"],
         env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    message = "train.py: error: num_probes=3 is not divisible by the 2 processes"
+    message = "train.py: error: zo_num_probes=3 is not divisible by the 2 processes"
     assert result.returncode != 0
     root_cause = result.stderr[result.stderr.index("Root Cause") :]
     assert f"traceback : {message}" in root_cause, result.stderr[-3000:]

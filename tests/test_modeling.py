@@ -8,6 +8,7 @@ from conftest import small_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, pipeline
 
 from hf_zoo_rnn import ZooRnnConfig, ZooRnnForCausalLM, ZooRnnModel
+from hf_zoo_rnn.forwards.population import stacked_loss
 from hf_zoo_rnn.modeling_zoo_rnn import TORCH_CELLS, cpu_path, run_recurrence
 
 pytestmark = pytest.mark.transformers  # depends on the transformers release: CI runs it on the whole range
@@ -154,13 +155,22 @@ def test_a_left_padded_batch_computes_each_row_as_alone(overrides):
             assert torch.equal(together[row, ids.shape[1] :], alone[0, len(prompt) :]), (options, row)
 
 
-def test_padding_that_is_not_on_the_left_is_refused():
-    model = ZooRnnForCausalLM(small_config()).eval()
-    ids = torch.randint(0, 64, (2, 5))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_masked_positions_anywhere_are_skipped_as_if_absent(cell):
+    """Right padding (what TRL's prompt + completion batches carry) and masked tokens in between: a row computes what
+    it would without them, logits at its read positions and its final state alike."""
+    model = ZooRnnForCausalLM(small_config(cell=cell, num_hidden_layers=2)).double().eval()  # chunk_size 5
+    ids = torch.randint(1, 64, (3, 13))
     mask = torch.ones_like(ids)
-    mask[0, 3] = 0
-    with pytest.raises(ValueError, match="honours left padding only .* a zero after a one"):
-        model(ids, attention_mask=mask)
+    mask[0, 9:] = 0  # right padding across a chunk boundary
+    mask[1, :2], mask[1, 6:8], mask[1, 12:] = 0, 0, 0  # left, inside, right
+    out = model(ids, attention_mask=mask, labels=ids)
+    for row in range(3):
+        read = mask[row].bool()
+        alone = model(ids[row, read][None])
+        torch.testing.assert_close(out.logits[row, read], alone.logits[0], rtol=1e-10, atol=1e-10)
+        for got, expected in zip(out.state, alone.state, strict=True):
+            torch.testing.assert_close(got[:, row], expected[:, 0], rtol=1e-10, atol=1e-10)
 
 
 def test_pipeline_generates_a_batch_of_prompts_of_different_lengths(bpe_tokenizer):
@@ -308,7 +318,7 @@ def test_stacked_loss_equals_each_models_own_forward(cell, variant):
     labels = ids.clone()
     labels[0, :4] = -100
     with torch.no_grad():
-        stacked = model.stacked_loss(stacks, ids, labels)
+        stacked = stacked_loss(model, stacks, ids, labels)
         expected = []
         for copy in range(copies):
             for name, param in model.named_parameters():

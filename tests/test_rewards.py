@@ -97,8 +97,8 @@ def add_model(tmp_path_factory):
 
 def reward_args(out, start, *extra) -> list[str]:
     return ["--output_dir", str(out), "--objective", "reward", "--init_from", str(start), "--prompts", "add",
-            "--rewards", "add_exact,test_rewards:nan_reward", "--local_gradient", "none", "--num_probes", "4",
-            "--eps", "0.05", "--lr", "0.01", "--loss_shaping", "centered_ranks", "--batch_size", "3",
+            "--rewards", "add_exact,test_rewards:nan_reward", "--local_gradient", "none", "--zo_num_probes", "4",
+            "--zo_eps", "0.05", "--zo_lr", "0.01", "--zo_loss_shaping", "centered_ranks", "--batch_size", "3",
             "--max_new_tokens", "4", "--do_sample", "--reward_samples", "2", "--reward_aggregation", "best",
             "--anchor_decay", "0.1", "--log_with", "none", "--eval_steps", "0", "--eval_batches", "1",
             "--logging_steps", "1", *extra]  # fmt: skip

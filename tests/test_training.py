@@ -19,8 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_zoo_rnn.config_files import ConfigFileError, load_model_config
 from hf_zoo_rnn.data import DataError
+from hf_zoo_rnn.estimators import local as local_estimator
 from hf_zoo_rnn.hub import is_local_reference
-from hf_zoo_rnn.training import CheckpointError, TrainingStalledError, ZooTrainer, local_gradients, parse_arguments
+from hf_zoo_rnn.training import CheckpointError, TrainingStalledError, ZooTrainer, parse_arguments
 from hf_zoo_rnn.training import checkpoints as checkpoints_module
 from hf_zoo_rnn.training.checkpoints import checkpoints, latest_checkpoint, load_state, prune_checkpoints
 
@@ -67,7 +68,7 @@ def test_default_run_leaves_a_loadable_model_card_logs_and_curve(tmp_path):
 
 
 def test_zo_loss_falls_on_the_bible(tmp_path):
-    run(fast_args(tmp_path, "--max_steps", "60", "--eval_steps", "0", "--save_steps", "0", "--lr", "0.05"))
+    run(fast_args(tmp_path, "--max_steps", "60", "--eval_steps", "0", "--save_steps", "0", "--zo_lr", "0.05"))
     losses = train_losses(tmp_path)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
 
@@ -108,7 +109,7 @@ def test_task_training_reports_exact_match(tmp_path):
             str(TINY_MODEL),
             "--batch_size",
             "4",
-            "--num_probes",
+            "--zo_num_probes",
             "2",
             "--max_steps",
             "2",
@@ -127,7 +128,16 @@ def final_weights(folder: Path) -> dict:
     return load_file(folder / "model.safetensors")
 
 
-HYBRID = ["--local_gradient", "one_step", "--zo_parameters", "*.bias", "--guide", "local+updates", "--local_steps", "2"]
+HYBRID = [
+    "--local_gradient",
+    "one_step",
+    "--zo_parameters",
+    "*.bias",
+    "--zo_guide",
+    "local+updates",
+    "--local_steps",
+    "2",
+]
 
 
 @pytest.mark.parametrize("mode", [[], HYBRID], ids=["zero_order", "hybrid"])
@@ -181,21 +191,26 @@ def test_bad_inputs_give_one_clear_error_and_keep_what_was_written(tmp_path):
         parse_arguments(["--config", str(config)])
     for line, message in (("max_steps: ten", "max_steps must be a whole number, got 'ten'"),
                           ("fixed_batch: 3", "fixed_batch must be true or false, got 3"),
-                          ("lr: [0.1]", r"lr must be a number or null, got \[0.1\]")):  # fmt: skip
+                          ("zo_lr: [0.1]", r"zo_lr must be a number or null, got \[0.1\]")):  # fmt: skip
         config.write_text(line + "\n")
         with pytest.raises(ConfigFileError, match=rf"train\.yaml: {message}"):
             parse_arguments(["--config", str(config)])
-    config.write_text("lr: 1e-3\nmax_steps: '7'\n")  # YAML reads 1e-3 as text; the command line would convert it
+    config.write_text("zo_lr: 1e-3\nmax_steps: '7'\n")  # YAML reads 1e-3 as text; the command line would convert it
     assert parse_arguments(["--config", str(config)])[3].lr == 0.001
     with pytest.raises(ValueError, match="optimizer must be one of"):
         parse_arguments(["--optimizer", "sgd"])
+    with pytest.raises(ConfigFileError, match=r"the command line: .* prefix now \(num_probes -> zo_num_probes\)"):
+        parse_arguments(["--num_probes", "3"])
+    config.write_text("lr: 0.1\neps: 0.1\n")  # a config written before the zo_ prefix
+    with pytest.raises(ConfigFileError, match=r"train\.yaml: .* \(eps -> zo_eps, lr -> zo_lr\)"):
+        parse_arguments(["--config", str(config)])
     with pytest.raises(ValueError, match="task_eval_examples must be at least 1, got 0"):
         parse_arguments(["--task", "copy", "--task_eval_examples", "0"])
     for name in ("batch_size", "context_length"):
         with pytest.raises(ConfigFileError, match=f"{name} must be at least 1, got 0"):
             parse_arguments([f"--{name}", "0"])
-    with pytest.raises(ConfigFileError, match="lr must be positive .* got -1.0"):
-        parse_arguments(["--lr", "-1"])
+    with pytest.raises(ConfigFileError, match="zo_lr must be positive .* got -1.0"):
+        parse_arguments(["--zo_lr", "-1"])
     with pytest.raises(Exception, match="data file not found"):
         run(fast_args(tmp_path / "a", "--dataset", str(tmp_path / "missing.txt"), "--max_steps", "1"))
 
@@ -221,7 +236,7 @@ def test_local_gradients_train_their_parameters_and_leave_the_rest_frozen(tmp_pa
     before = {name: param.detach().clone() for name, param in initial.model.named_parameters()}
 
     readout = tmp_path / "readout"
-    run(fast_args(readout, "--max_steps", "4", "--local_gradient", "readout", "--num_probes", "0", "--local_lr", "0.01",
+    run(fast_args(readout, "--max_steps", "4", "--local_gradient", "readout", "--zo_num_probes", "0", "--local_lr", "0.01",
                   "--local_steps", "3"))  # fmt: skip
     last = [r for r in map(json.loads, (readout / "metrics.jsonl").read_text().splitlines()) if "tokens" in r][-1]
     assert last["tokens"] == 4 * 3 * 2 * 32 and last["forward_passes"] == 4 * 3  # every local step's batch counts
@@ -235,7 +250,7 @@ def test_local_gradients_train_their_parameters_and_leave_the_rest_frozen(tmp_pa
     one_step = tmp_path / "one_step"
     run(
         fast_args(
-            one_step, "--max_steps", "30", "--local_gradient", "one_step", "--num_probes", "0", "--local_lr", "0.01"
+            one_step, "--max_steps", "30", "--local_gradient", "one_step", "--zo_num_probes", "0", "--local_lr", "0.01"
         )
     )
     losses = train_losses(one_step)
@@ -245,10 +260,10 @@ def test_local_gradients_train_their_parameters_and_leave_the_rest_frozen(tmp_pa
 
 
 def test_hybrid_settings_that_cannot_work_are_clear_errors(tmp_path):
-    with pytest.raises(ConfigFileError, match="num_probes=0 with local_gradient=none trains nothing"):
-        parse_arguments(["--local_gradient", "none", "--num_probes", "0"])
+    with pytest.raises(ConfigFileError, match="zo_num_probes=0 with local_gradient=none trains nothing"):
+        parse_arguments(["--local_gradient", "none", "--zo_num_probes", "0"])
     with pytest.raises(ConfigFileError, match="guide='local' uses the one-step gradient"):
-        parse_arguments(["--guide", "local", "--local_gradient", "readout"])
+        parse_arguments(["--zo_guide", "local", "--local_gradient", "readout"])
     with pytest.raises(ConfigFileError, match="max_train_seconds must be positive, got 0.0"):
         parse_arguments(["--max_train_seconds", "0"])
     with pytest.raises(ConfigFileError, match="local_gradient must be one of"):
@@ -256,7 +271,7 @@ def test_hybrid_settings_that_cannot_work_are_clear_errors(tmp_path):
     with pytest.raises(ConfigFileError, match="trains every parameter and leaves none to the 4 probes"):
         run(fast_args(tmp_path / "a", "--max_steps", "1", "--local_gradient", "one_step"))
     with pytest.raises(ConfigFileError, match=r"one_step' \(the default\).*--local_gradient none"):  # probes asked for
-        run(["--output_dir", str(tmp_path / "c"), "--num_probes", "8", "--max_steps", "1"])
+        run(["--output_dir", str(tmp_path / "c"), "--zo_num_probes", "8", "--max_steps", "1"])
     with pytest.raises(ConfigFileError, match=r"zo_parameters '\*.gate': \['\*.gate'\] matches none"):
         run(fast_args(tmp_path / "b", "--max_steps", "1", "--zo_parameters", "*.gate"))
     out = tmp_path / "hybrid"
@@ -275,7 +290,7 @@ def test_every_training_config_parses(config):
 
 def test_cli_overrides_the_config_file(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("max_steps: 7\nnum_probes: 8\n")
+    config.write_text("max_steps: 7\nzo_num_probes: 8\n")
     _, _, train_args, zo_config = parse_arguments(["--config", str(config), "--max_steps", "3"])
     assert train_args.max_steps == 3 and zo_config.num_probes == 8
 
@@ -297,9 +312,9 @@ def test_fixed_batch_overfits_and_generate_evaluate_scripts_run(tmp_path):
             "4",
             "--task_max_length",
             "4",
-            "--num_probes",
+            "--zo_num_probes",
             "16",
-            "--lr",
+            "--zo_lr",
             "0.05",
             "--max_steps",
             "60",
@@ -338,9 +353,9 @@ def test_curriculum_grows_the_task_length_and_is_checkpointed(tmp_path):
             str(TINY_MODEL),
             "--batch_size",
             "2",
-            "--num_probes",
+            "--zo_num_probes",
             "2",
-            "--lr",
+            "--zo_lr",
             "0.01",
             "--max_steps",
             "3",
@@ -395,8 +410,8 @@ def test_stacked_probes_train_like_sequential_ones_and_early_stop_ends_the_run(t
     losses = {}
     for per_forward in ("1", "2"):
         out = tmp_path / f"probes-{per_forward}"
-        run(fast_args(out, "--max_steps", "3", "--eval_steps", "0", "--save_steps", "0", "--lr", "0.05",
-                      "--probes_per_forward", per_forward, "--log_with", "none"))  # fmt: skip
+        run(fast_args(out, "--max_steps", "3", "--eval_steps", "0", "--save_steps", "0", "--zo_lr", "0.05",
+                      "--zo_probes_per_forward", per_forward, "--log_with", "none"))  # fmt: skip
         losses[per_forward] = train_losses(out)
     assert losses["2"] == pytest.approx(losses["1"], abs=1e-5)
     out = tmp_path / "early"
@@ -466,7 +481,7 @@ def test_pruning_never_removes_the_newest_checkpoint_that_verifies(tmp_path, mon
 def test_a_run_whose_steps_are_all_skipped_stops_before_saving(tmp_path):
     out = tmp_path / "diverged"  # probes at theta +- 1e38 z: every loss is NaN, every step skipped
     with pytest.raises(TrainingStalledError, match=r"step \d+: 3 steps in a row were skipped \(every probe's loss"):
-        run(fast_args(out, "--max_steps", "30", "--save_steps", "0", "--eval_steps", "0", "--eps", "1e38",
+        run(fast_args(out, "--max_steps", "30", "--save_steps", "0", "--eval_steps", "0", "--zo_eps", "1e38",
                       "--max_skipped_steps", "3"))  # fmt: skip
     assert not (out / "model.safetensors").exists()
 
@@ -489,12 +504,12 @@ def test_a_non_finite_local_gradient_is_skipped_and_stops_the_run_when_it_persis
                 param.grad = torch.full_like(param, float("nan"))
         return float("nan")
 
-    monkeypatch.setattr(local_gradients, "accumulate_local_gradients", poisoned)
+    monkeypatch.setattr(local_estimator, "accumulate_local_gradients", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(
         TrainingStalledError, match=r"step 2: 2 steps in a row were skipped \(the loss was NaN or infinite\)"
     ):
-        run(fast_args(out, "--local_gradient", "one_step", "--num_probes", "0", "--local_steps", "2",
+        run(fast_args(out, "--local_gradient", "one_step", "--zo_num_probes", "0", "--local_steps", "2",
                       "--max_skipped_steps", "2", "--max_steps", "5", "--save_steps", "0", "--eval_steps", "0"))  # fmt: skip
     assert not (out / "model.safetensors").exists()
 
@@ -552,7 +567,7 @@ def test_local_data_validates_on_held_out_documents_or_the_named_validation_data
     assert len(run_script("generate.py", "--model", model, "--prompt", "", "--max_new_tokens", "5").stdout) > 0
     other = tmp_path / "other.txt"
     other.write_text("a different text entirely. " * 200)
-    run(fast_args(tmp_path / "named", *base, "--validation_dataset", str(other), "--perturbation", "lowrank"))
+    run(fast_args(tmp_path / "named", *base, "--validation_dataset", str(other), "--zo_perturbation", "lowrank"))
     card = (tmp_path / "named" / "README.md").read_text()
     assert (
         f"trained on {data}: all of it" in card

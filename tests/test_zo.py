@@ -10,7 +10,9 @@ from conftest import small_config
 from torch import nn
 
 from hf_zoo_rnn import ZooRnnForCausalLM, modeling_zoo_rnn
-from hf_zoo_rnn.zo import Perturber, StackedLoss, ZOConfig, ZOOptimizer, noise, stream_seed, zo_parameters
+from hf_zoo_rnn.estimators.zero_order import population_loss
+from hf_zoo_rnn.forwards.population import members_loss
+from hf_zoo_rnn.zo import Perturber, ZOConfig, ZOOptimizer, noise, stream_seed, zo_parameters
 from hf_zoo_rnn.zo.directions import GuidedDirections, IsotropicDirections, LowRankDirections
 from hf_zoo_rnn.zo.estimator import probe_coefficients, projected_gradients, reported_loss, shaped_losses
 from hf_zoo_rnn.zo.noise import splitmix64
@@ -367,10 +369,10 @@ def run_ranks(world_size, probes, mode, ids, steps=2, **options):
         zo = ZOOptimizer(models[rank], ZOConfig(num_probes=probes, lr=0.1, update_mode=mode, **options))
         members = None
         if zo.config.probes_per_forward != 1:  # low-rank probes as one batch, each process its share
-            members = StackedLoss.members_of_model(models[rank], zo.names, ids, ids)
+            members = population_loss(models[rank], zo.names, ids, ids, members=True)
         for _ in range(steps):
             zo.step(lm_loss(models[rank], ids), rank=rank, world_size=world_size, gather=gather_for(rank),
-                    stacked_loss=members)  # fmt: skip
+                    population_loss=members)  # fmt: skip
 
     threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(world_size)]
     for thread in threads:
@@ -438,7 +440,7 @@ def test_lstm_lm_overfits_one_batch_with_zo_alone():
 
 
 def stacked_loss_for(model, ids):
-    return StackedLoss.of_model(model, [name for name, _ in zo_parameters(model)], ids, ids)
+    return population_loss(model, [name for name, _ in zo_parameters(model)], ids, ids, members=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -469,7 +471,7 @@ def test_stacked_probes_give_the_sequential_step(mode, difference):
         model = tiny_lm(torch.float64)
         config = ZOConfig(num_probes=8, lr=0.1, update_mode=mode, difference=difference, probes_per_forward=per_forward)
         zo = ZOOptimizer(model, config)
-        losses = [zo.step(lm_loss(model, ids), stacked_loss=stacked_loss_for(model, ids)).loss for _ in range(2)]
+        losses = [zo.step(lm_loss(model, ids), population_loss=stacked_loss_for(model, ids)).loss for _ in range(2)]
         runs[per_forward] = losses, snapshot(model)
     reference_losses, reference_weights = runs[1]
     for losses, weights in (runs[3], runs[0]):
@@ -486,10 +488,10 @@ def test_probes_per_forward_follows_the_memory_budget():
     assert probes_per_forward(0, probes=16, models_per_probe=2, bytes_per_model=mib, budget_mb=1) == 1  # never 0
 
 
-def test_stacking_without_a_stacked_loss_is_rejected():
+def test_stacking_without_a_population_loss_is_rejected():
     model = tiny_lm()
     zo = ZOOptimizer(model, ZOConfig(num_probes=4, lr=0.1, probes_per_forward=2))
-    with pytest.raises(ValueError, match="probes_per_forward=2 needs a stacked_loss"):
+    with pytest.raises(ValueError, match="probes_per_forward=2 needs a population_loss"):
         zo.step(lm_loss(model, torch.randint(0, 12, (2, 5))))
     with pytest.raises(ValueError, match="probes_per_forward must be >= 0"):
         ZOConfig(lr=0.1, probes_per_forward=-1)
@@ -660,7 +662,7 @@ def test_low_rank_members_in_one_batch_give_each_perturbed_models_loss(overrides
     zo.directions.step = 5
     scales = (0.05, -0.05)
     changes = zo.perturber.members(range(4), scales)
-    batched = model.members_loss(dict(zip(zo.names, changes, strict=True)), ids, ids)
+    batched = members_loss(model, dict(zip(zo.names, changes, strict=True)), ids, ids)
     zo.perturber.snapshot()
     for probe in range(4):
         for k, scale in enumerate(scales):
@@ -679,8 +681,8 @@ def test_low_rank_step_in_one_batch_equals_the_sequential_step():
         config = ZOConfig(num_probes=6, lr=0.1, perturbation="lowrank", probes_per_forward=per_forward)
         zo = ZOOptimizer(model, config)
         for _ in range(2):
-            members = StackedLoss.members_of_model(model, zo.names, ids, ids) if per_forward != 1 else None
-            zo.step(lm_loss(model, ids), stacked_loss=members)
+            members = population_loss(model, zo.names, ids, ids, members=True) if per_forward != 1 else None
+            zo.step(lm_loss(model, ids), population_loss=members)
         finals.append(snapshot(model))
     assert all(torch.allclose(a, b, rtol=0, atol=1e-10) for a, b in zip(*finals, strict=True))
 

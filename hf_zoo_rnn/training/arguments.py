@@ -1,5 +1,9 @@
 """Training arguments: dataclasses parsed by transformers' HfArgumentParser from a YAML file plus CLI overrides.
 
+Their field defaults are the embedded default run, and the only defaults a run has. Zero-order options carry a `zo_`
+prefix (`--zo_num_probes`, `--zo_lr`, ...: ZeroOrderArguments, made from hf_zoo_rnn.zo.ZOConfig); an old unprefixed
+name is an error that names the new one.
+
 `scripts/train.py --config configs/train/x.yaml --max_steps 10` (or `--config x`, a built-in one by name): the YAML
 sets defaults, the command line wins.
 A key that no dataclass declares is an error naming the file and the key.
@@ -8,15 +12,15 @@ A key that no dataclass declares is an error naming the file and the key.
 import sys
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 
 from transformers import HfArgumentParser
 
 from ..config_files import ConfigFileError, check_known_keys, config_path, read_yaml
 from ..data.corpus import VALIDATION_FRACTION
+from ..forwards.local import SCOPES
 from ..zo import ZOConfig
 from ..zo.optimizer import LR_SCHEDULES
-from .local_gradients import SCOPES
 
 OPTIMIZERS = ("zo", "bptt_sgd", "bptt_adamw")
 LOCAL_GRADIENTS = ("none", *SCOPES)
@@ -101,7 +105,11 @@ class TrainArguments:
         metadata={"help": "start a new run in an output_dir that holds another run: its checkpoints and log go first"},
     )
     optimizer: str = field(default="zo", metadata={"help": "zo, or a BPTT baseline: bptt_sgd, bptt_adamw"})
-    max_steps: int = field(default=400, metadata={"help": "optimisation steps"})
+    max_steps: int = field(default=3000, metadata={"help": "optimisation steps"})
+    seed: int = field(
+        default=0,
+        metadata={"help": "run seed: the initial weights, the data order, every probe's z and every sampling seed"},
+    )
     stop_at_train_loss: float | None = field(
         default=None, metadata={"help": "end training early once the train loss is below this (overfitting runs)"}
     )
@@ -110,7 +118,7 @@ class TrainArguments:
         metadata={"help": "also stop once the training steps took this long (evaluation excluded): equal-time runs"},
     )
     local_gradient: str = field(
-        default="none",
+        default="one_step",
         metadata={
             "help": "exact local gradient, no backpropagation through time: none, readout (the readout's exact "
             "gradient) or one_step (every parameter's gradient through one recurrent step), stepped by AdamW"
@@ -206,28 +214,58 @@ class TrainArguments:
 
 OBJECTIVES = ("lm", "reward")
 REWARD_AGGREGATIONS = ("mean", "best")
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments, ZOConfig)
-# The embedded default run: every parameter trained by its one-step gradient (no backpropagation through time,
-# memory constant in context length) with AdamW and a cosine lr. It is the default because it learned most per second
-# of every constant-memory method measured (docs/BENCHMARKS.md, "Which estimator learns"): validation loss 6.24 ->
-# 2.82 in 150 s on one core, where pure CD-RGE reached 5.84 and no hybrid's probes added anything at equal
-# wall-clock. The ZO settings below apply wherever probes run (configs/train/pure-zo.yaml for the paper's method).
-EMBEDDED_DEFAULTS = {
-    "local_gradient": "one_step",
+# The embedded default run trains every parameter by its one-step gradient (no backpropagation through time, memory
+# constant in context length) with AdamW and a cosine lr: it learned most per second of every constant-memory method
+# measured (docs/BENCHMARKS.md, "Which estimator learns"): validation loss 6.24 -> 2.82 in 150 s on one core, where
+# pure CD-RGE reached 5.84 and no hybrid's probes added anything at equal wall-clock. Its zero-order settings, which
+# differ from ZOConfig's own, apply wherever probes run (configs/train/pure-zo.yaml for the paper's method).
+ZERO_ORDER_RUN_DEFAULTS = {
     "num_probes": 0,
-    "max_steps": 3000,
     "lr": 0.01,
     "update_rule": "adam",
     "lr_schedule": "cosine",
     "warmup_steps": 20,
 }
+ZERO_ORDER_OPTIONS = [f.name for f in fields(ZOConfig) if f.name != "seed"]  # the seed is the run's
+
+
+def zero_order_field(option):
+    default = ZERO_ORDER_RUN_DEFAULTS.get(option.name, option.default)
+    return f"zo_{option.name}", option.type, field(default=default, metadata=option.metadata)
+
+
+ZeroOrderArguments = make_dataclass(
+    "ZeroOrderArguments", [zero_order_field(f) for f in fields(ZOConfig) if f.name in ZERO_ORDER_OPTIONS]
+)
+ZeroOrderArguments.__doc__ = "Every ZOConfig setting but the seed, as a zo_-prefixed argument with the run's default."
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments, ZeroOrderArguments)
+
+
+def zero_order_config(zo_args, seed: int) -> ZOConfig:
+    """The ZOConfig of the run; an invalid combination is one ConfigFileError naming the zo_ options."""
+    try:
+        return ZOConfig(**{name: getattr(zo_args, f"zo_{name}") for name in ZERO_ORDER_OPTIONS}, seed=seed)
+    except ValueError as error:
+        message = str(error)
+        for name in ZERO_ORDER_OPTIONS:
+            message = message.replace(f"ZOConfig.{name}", f"zo_{name}")
+        raise ConfigFileError(message.replace("ZOConfig: ", "")) from None
+
+
+def check_renamed(names, where: str) -> None:
+    """An unprefixed zero-order option (num_probes, lr, ...) is one error naming its new name."""
+    renamed = sorted(name for name in names if name in ZERO_ORDER_OPTIONS)
+    if renamed:
+        new = ", ".join(f"{name} -> zo_{name}" for name in renamed)
+        raise ConfigFileError(f"{where}: zero-order options carry a zo_ prefix now ({new})")
 
 
 def parse_arguments(argv: list[str] | None = None):
     """(ModelArguments, DataArguments, TrainArguments, ZOConfig) from `--config FILE` and the command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    flags = [arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")]
+    check_renamed(flags, "the command line")
     parser = HfArgumentParser(ARGUMENT_CLASSES)
-    parser.set_defaults(**EMBEDDED_DEFAULTS)
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
@@ -235,10 +273,12 @@ def parse_arguments(argv: list[str] | None = None):
         path = str(config_path(argv[index + 1], "train"))
         del argv[index : index + 2]
         values = read_yaml(path)
+        check_renamed(values, path)
         hints = {name: hint for cls in ARGUMENT_CLASSES for name, hint in typing.get_type_hints(cls).items()}
         check_known_keys(values, set(hints), path, "scripts/train.py (see --help)")
         parser.set_defaults(**{key: typed_value(key, value, hints[key], path) for key, value in values.items()})
-    model_args, data_args, train_args, zo_config = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, train_args, zo_args = parser.parse_args_into_dataclasses(args=argv)
+    zo_config = zero_order_config(zo_args, train_args.seed)
     check_choices(model_args, data_args, train_args, zo_config)
     return model_args, data_args, train_args, zo_config
 
@@ -274,7 +314,7 @@ def check_reward_choices(
         raise ConfigFileError("objective=reward needs --prompts (add, reverse, kjv or a dataset) and --rewards")
     if train_args.optimizer != "zo" or train_args.local_gradient != "none" or zo_config.num_probes < 1:
         raise ConfigFileError(
-            "objective=reward is trained by evolution strategies: optimizer=zo, local_gradient=none, num_probes >= 1 "
+            "objective=reward is trained by evolution strategies: optimizer=zo, local_gradient=none, zo_num_probes >= 1 "
             "(antithetic pairs of members)"
         )
     weights = [w for w in train_args.reward_weights.split(",") if w.strip()]
@@ -314,10 +354,10 @@ def check_choices(
             f"local_steps must be >= 1 and local_lr positive, got {train_args.local_steps} and {train_args.local_lr}"
         )
     if train_args.optimizer == "zo" and train_args.local_gradient == "none" and zo_config.num_probes == 0:
-        raise ConfigFileError("num_probes=0 with local_gradient=none trains nothing")
+        raise ConfigFileError("zo_num_probes=0 with local_gradient=none trains nothing")
     if zo_config.guided_by_local_gradient and train_args.local_gradient != "one_step":
         raise ConfigFileError(
-            f"guide={zo_config.guide!r} uses the one-step gradient of the ZO parameters: set local_gradient=one_step"
+            f"zo_guide={zo_config.guide!r} uses the one-step gradient of the ZO parameters: set local_gradient=one_step"
         )
     if train_args.objective not in OBJECTIVES:
         raise ConfigFileError(f"objective must be one of {OBJECTIVES}, got {train_args.objective!r}")
@@ -332,5 +372,5 @@ def check_choices(
         raise ConfigFileError(f"validation_fraction must be in [0, 1), got {data_args.validation_fraction}")
     if zo_config.lr is not None and zo_config.lr <= 0:
         raise ConfigFileError(
-            f"lr must be positive (a ZO step moves against the estimated gradient), got {zo_config.lr}"
+            f"zo_lr must be positive (a ZO step moves against the estimated gradient), got {zo_config.lr}"
         )

@@ -2,12 +2,12 @@
 
 from .estimator import finite_probes, probe_coefficients, projected_gradients, reported_loss
 from .noise import noise, stream_seed
-from .optimizer import StackedLoss, ZOConfig, ZOOptimizer, ZOStepStats
+from .optimizer import PopulationLoss, ZOConfig, ZOOptimizer, ZOStepStats
 from .perturb import Perturber, zo_parameters
 
 __all__ = [
     "Perturber",
-    "StackedLoss",
+    "PopulationLoss",
     "ZOConfig",
     "ZOOptimizer",
     "ZOStepStats",

@@ -167,31 +167,13 @@ def schedule(name: str, warmup_steps: int, total_steps: int | None) -> Callable[
 
 
 @dataclass
-class StackedLoss:
-    """How to evaluate several perturbed models in one forward (e.g. `ZooRnnForCausalLM.stacked_loss`)."""
+class PopulationLoss:
+    """How to evaluate several perturbed models in one forward: the protocol between the optimiser and a model's
+    population view (hf_zoo_rnn.forwards.population builds one for ZooRnn; any model can supply its own)."""
 
     fn: Callable[[list], torch.Tensor]  # per ZO tensor, the M models' values (or changes) -> their M losses
     bytes_per_model: int  # what one more model costs in memory
     members: bool = False  # fn takes low-rank changes (Perturber.members), not stacked weights (Perturber.stacked)
-
-    @classmethod
-    def of_model(cls, model: nn.Module, names: list[str], input_ids: torch.Tensor, labels: torch.Tensor):
-        """For a model with `stacked_loss(parameters, input_ids, labels)` and `stacked_bytes_per_model(batch,
-        steps)`, as `ZooRnnForCausalLM` has; `names` are the ZO tensors' names in the optimizer's order."""
-        return cls(
-            fn=lambda points: model.stacked_loss(dict(zip(names, points, strict=True)), input_ids, labels),
-            bytes_per_model=model.stacked_bytes_per_model(*input_ids.shape),
-        )
-
-    @classmethod
-    def members_of_model(cls, model: nn.Module, names: list[str], input_ids: torch.Tensor, labels: torch.Tensor):
-        """Low-rank probes as one batch: `members_loss(changes, input_ids, labels)` (shared weights plus each
-        member's change, no copies) and `members_bytes_per_member(batch, steps)`, as `ZooRnnForCausalLM` has."""
-        return cls(
-            fn=lambda changes: model.members_loss(dict(zip(names, changes, strict=True)), input_ids, labels),
-            bytes_per_model=model.members_bytes_per_member(*input_ids.shape),
-            members=True,
-        )
 
 
 def probes_per_forward(requested: int, probes: int, models_per_probe: int, bytes_per_model: int, budget_mb: float):
@@ -288,7 +270,7 @@ class ZOOptimizer:
         rank: int = 0,
         world_size: int = 1,
         gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        stacked_loss: StackedLoss | None = None,
+        population_loss: PopulationLoss | None = None,
         clean_loss: float | None = None,
         surrogates: Sequence[Sequence[torch.Tensor]] = (),
     ) -> ZOStepStats:
@@ -296,9 +278,9 @@ class ZOOptimizer:
         local gradient), saves forward differences their base forward. `surrogates` are guide directions (one
         tensor per ZO parameter each), identical on every process, for guide="local" / "local+updates"."""
         config = self.config
-        if config.probes_per_forward != 1 and stacked_loss is None:
-            raise ValueError(f"ZOConfig.probes_per_forward={config.probes_per_forward} needs a stacked_loss")
-        if stacked_loss is not None and stacked_loss.members != (config.perturbation == "lowrank"):
+        if config.probes_per_forward != 1 and population_loss is None:
+            raise ValueError(f"ZOConfig.probes_per_forward={config.probes_per_forward} needs a population_loss")
+        if population_loss is not None and population_loss.members != (config.perturbation == "lowrank"):
             raise ValueError("low-rank probes are evaluated as members of one batch, full-rank ones as stacked models")
         if config.num_probes % world_size:
             raise ValueError(f"num_probes={config.num_probes} is not divisible by the {world_size} processes")
@@ -309,7 +291,7 @@ class ZOOptimizer:
         started = time.perf_counter()
         self.draw_directions(surrogates)
         local, partial, forward_seconds, base_forwards = self.evaluate_probes(
-            loss_fn, stacked_loss, range(rank * per_rank, (rank + 1) * per_rank), eps, clean_loss
+            loss_fn, population_loss, range(rank * per_rank, (rank + 1) * per_rank), eps, clean_loss
         )
         losses = gather(local) if gather is not None else local
         first, second = losses[:, 0], losses[:, 1]
@@ -339,7 +321,7 @@ class ZOOptimizer:
                 directions += [[h[row] for h in history] for row in range(self.config.guide_history)]
             self.directions.set_subspace(directions)
 
-    def evaluate_probes(self, loss_fn, stacked_loss, owned: range, eps: float, clean_loss: float | None):
+    def evaluate_probes(self, loss_fn, population_loss, owned: range, eps: float, clean_loss: float | None):
         """This process's [k, 2] losses (L+, L-; or L+, L(theta) for forward differences), the buffered partial
         update sum (update_mode="buffer"), the seconds spent in forwards, and how many base forwards it ran."""
         config = self.config
@@ -364,9 +346,9 @@ class ZOOptimizer:
             else None
         )
         group = 1
-        if stacked_loss is not None:
+        if population_loss is not None:
             group = probes_per_forward(
-                config.probes_per_forward, len(owned), len(scales), stacked_loss.bytes_per_model,
+                config.probes_per_forward, len(owned), len(scales), population_loss.bytes_per_model,
                 config.stacked_memory_mb,
             )  # fmt: skip
         if group == 1:
@@ -387,12 +369,12 @@ class ZOOptimizer:
             for first in range(0, len(owned), group):
                 rows = range(first, min(first + group, len(owned)))
                 probes = [owned[r] for r in rows]
-                if stacked_loss.members:
+                if population_loss.members:
                     points = self.perturber.members(probes, scales)
                     z_cache = [self.probe_z(probe) for probe in probes] if use_buffer else None
                 else:
                     points, z_cache = self.perturber.stacked(probes, scales, use_buffer)
-                local[first : rows.stop, : len(scales)] = timed_losses(stacked_loss.fn, points).view(-1, len(scales))
+                local[first : rows.stop, : len(scales)] = timed_losses(population_loss.fn, points).view(-1, len(scales))
                 del points
                 if base is not None:
                     local[first : rows.stop, 1] = base

@@ -104,7 +104,7 @@ class Perturber:
     @torch.no_grad()
     def members(self, probes: Sequence[int], scales: Sequence[float]) -> list[tuple]:
         """The change scale * z_j of every (probe j, scale) member, probe-major, per tensor, for a model's
-        `members_loss`: ("lowrank", A [M, *, m, r] with scale / sqrt(r) folded in, B [M, *, n, r]) for the tensors
+        `members_loss` (hf_zoo_rnn/forwards/population.py): ("lowrank", A [M, *, m, r] with scale / sqrt(r) folded in, B [M, *, n, r]) for the tensors
         the directions perturb by low-rank products, ("dense", [M, *shape]) for the others. theta is not touched."""
         changes = []
         for index, param in enumerate(self.params):

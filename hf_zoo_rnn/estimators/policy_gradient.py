@@ -1,7 +1,7 @@
 """A policy gradient on rewards without backpropagation through time: the no-BPTT baseline of training on rewards.
 
 Per step, `group` completions are sampled for each prompt; their rewards, normalised within the group (GRPO's
-advantage), weigh each completion's one-step gradient of its log-likelihood (training/local_gradients.py: each
+advantage), weigh each completion's one-step gradient of its log-likelihood (forwards/local.py: each
 position's loss through the layers and one recurrent step), and AdamW steps. No KL term, no reference model.
 """
 
@@ -9,8 +9,8 @@ import math
 
 import torch
 
+from ..forwards.local import accumulate_local_gradients
 from ..rewards import RewardObjective
-from .local_gradients import accumulate_local_gradients
 
 IGNORE_INDEX = -100
 
