@@ -202,7 +202,7 @@ def gradient_cosines(train_arguments: list[str], probes: tuple[int, ...] = (16, 
     with tempfile.TemporaryDirectory() as scratch:
         trainer = ZooTrainer(*parse_arguments(["--output_dir", scratch, "--log_with", "none", *train_arguments]))
         trainer.setup()
-        input_ids, labels = trainer.next_batch()
+        input_ids, labels = trainer.batches.next_batch()
     model = trainer.model.double().train().requires_grad_(True)
 
     def flat_grad(fill) -> torch.Tensor:

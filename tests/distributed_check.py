@@ -36,7 +36,9 @@ hybrid = ZooTrainer(
 )  # fmt: skip
 hybrid.train()
 results["hybrid_comm_bytes"] = hybrid.counters["comm_bytes"]
-results["hybrid_gradient_elements"] = sum(p.numel() for p in hybrid.local.trained + hybrid.local.surrogate)
+results["hybrid_gradient_elements"] = sum(
+    p.numel() for p in hybrid.step.local.gradient.trained + hybrid.step.local.gradient.surrogate
+)
 shared = ZooTrainer(
     *parse_arguments(["--output_dir", str(out / "hybrid_shared"), *common, "--local_gradient", "readout"])
 )

@@ -126,10 +126,20 @@ def test_rewards_benchmark_runs_every_method_and_the_memory_probe(tmp_path):
     run_script("benchmark_rewards.py", "--start", str(start), "--seconds", "1", "--seeds", "0", "--grpo_lrs", "1e-4",
                "--eval_prompts", "2", "--group", "2", "--prompts_per_step", "2", "--max_new_tokens", "4", "--memory",
                "--memory_lengths", "4", "--output_dir", str(tmp_path))  # fmt: skip
-    table = rows(tmp_path / "rewards.csv")
+    table = rows(tmp_path / "rewards_kjv.csv")
     assert [r["method"] for r in table] == ["start", "es", "grpo lr=0.0001", "one_step_pg"]
     assert all(r["error"] == "" for r in table if "error" in r) and all(int(r["steps"]) >= 0 for r in table)
     assert [r["mode"] for r in rows(tmp_path / "rewards_memory.csv")] == ["generate", "es_step"]
-    assert (tmp_path / "rewards.png").stat().st_size > 0 and "## es seed 0" in (
-        tmp_path / "rewards_samples.md"
+    assert (tmp_path / "rewards_kjv.png").stat().st_size > 0 and "## es seed 0" in (
+        tmp_path / "rewards_kjv_samples.md"
     ).read_text()
+    task = tmp_path / "add"
+    run_script("train.py", "--output_dir", str(task), "--task", "add", "--task_max_length", "4", "--model_config",
+               "tiny", "--optimizer", "bptt_adamw", "--max_steps", "2", "--eval_steps", "0", "--save_steps", "0",
+               "--log_with", "none")  # fmt: skip
+    run_script("benchmark_rewards.py", "--start", str(task), "--prompts", "add", "--task_max_length", "4",
+               "--methods", "es_pass4", "ce", "--seconds", "1", "--seeds", "0", "--eval_prompts", "2",
+               "--prompts_per_step", "2", "--output_dir", str(tmp_path))  # fmt: skip
+    table = rows(tmp_path / "rewards_add.csv")
+    assert [r["method"] for r in table] == ["start", "es_pass4", "ce"] and all(not r.get("error") for r in table)
+    assert all(0 <= float(r["exact_match"]) <= 1 and "pass@4" in r for r in table)

@@ -24,7 +24,7 @@ class HybridStep:
             partial(next_token_loss, self.zero_order.model, input_ids, labels),
             self.zero_order.population(input_ids, labels),
             clean_loss,
-            self.local.local.surrogates(),
+            self.local.gradient.surrogates(),
         )
         probes.metrics["perturbed_loss"] = probes.metrics["train_loss"]
         report.add(probes).metrics = probes.metrics
@@ -36,4 +36,4 @@ class HybridStep:
     def load_state_dict(self, state: dict) -> None:
         check_state_kind(state, local=True, probes=True)
         self.zero_order.zo.load_state_dict(state)
-        self.local.local.load_state_dict(state["local"])
+        self.local.gradient.load_state_dict(state["local"])

@@ -134,8 +134,8 @@ class LocalStep:
     train_label = "train (clean loss of each step's batch)"
     probes = 0
 
-    def __init__(self, local: LocalGradientStep, next_batch, local_steps: int, accelerator, batch_copies: int):
-        self.local, self.next_batch, self.local_steps = local, next_batch, local_steps
+    def __init__(self, gradient: LocalGradientStep, next_batch, local_steps: int, accelerator, batch_copies: int):
+        self.gradient, self.next_batch, self.local_steps = gradient, next_batch, local_steps
         self.accelerator, self.batch_copies = accelerator, batch_copies
 
     def step(self, batch) -> StepReport:
@@ -145,21 +145,21 @@ class LocalStep:
     def gradients(self, batch) -> tuple[float, StepReport]:
         """Fill .grad with the batch's local gradient; (its clean loss, what it cost)."""
         input_ids, labels = batch
-        clean_loss, sent = self.local.gradients(input_ids, labels)
+        clean_loss, sent = self.gradient.gradients(input_ids, labels)
         return clean_loss, StepReport(forward_passes=1, tokens=input_ids.numel() * self.batch_copies, comm_bytes=sent)
 
     def finish(self, clean_loss: float, report: StepReport, probes_skipped: bool) -> StepReport:
         """The AdamW step on this batch's gradient and the further local steps; train_loss is this batch's clean
         loss, before the updates. A dropped gradient skips the step when the probes (if any) skipped theirs too."""
-        local_lr = self.local.step()
+        local_lr = self.gradient.step()
         if local_lr is None:
             report.metrics["skipped_step"] = int(probes_skipped)
         else:
             report.metrics["local_lr"] = local_lr
         for _ in range(self.local_steps - 1):
             extra_ids, extra_labels = self.next_batch()
-            _, sent = self.local.gradients(extra_ids, extra_labels)
-            self.local.step()
+            _, sent = self.gradient.gradients(extra_ids, extra_labels)
+            self.gradient.step()
             report.add(StepReport(forward_passes=1, tokens=extra_ids.numel() * self.batch_copies, comm_bytes=sent))
         if self.batch_copies > 1:  # each process has its own batch: log the mean over processes, as BPTT does
             device = self.accelerator.device
@@ -168,8 +168,8 @@ class LocalStep:
         return report
 
     def state_dict(self) -> dict:
-        return {"local": self.local.state_dict()}
+        return {"local": self.gradient.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         check_state_kind(state, local=True, probes=False)
-        self.local.load_state_dict(state["local"])
+        self.gradient.load_state_dict(state["local"])
