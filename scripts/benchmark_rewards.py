@@ -359,16 +359,21 @@ def run_worker(spec: str) -> dict:
 
 
 def plot(rows: list[dict], path: Path, args: RewardBenchmarkArguments) -> None:
-    """kjv: distinct-4 against validation loss per run; a task: exact match in and out of distribution per run."""
+    """kjv: distinct-4 against validation loss per run; a task: exact match in and out of distribution per run. One
+    colour per method (and learning rate), one marker per seed."""
     fig, ax = plt.subplots(figsize=(7, 4))
     x, y = ("eval_loss", "distinct_4") if not args.is_task else ("exact_match_ood", "exact_match")
+    methods = list(dict.fromkeys(row["method"] for row in rows if y in row))
     for row in rows:
         if y in row:
-            ax.scatter(row[x], row[y], label=f"{row['method']} {row['seed']}".strip())
+            color = plt.cm.tab10(methods.index(row["method"]) % 10)
+            marker = "*" if row["method"] == "start" else "osD^v"[int(row["seed"] or 0) % 5]
+            label = row["method"] if row["seed"] in ("", args.seeds[0]) else None
+            ax.scatter(float(row[x]), float(row[y]), color=color, marker=marker, s=60, label=label)
     labels = {"eval_loss": "validation loss (nats/token)", "distinct_4": "held-out greedy distinct-4",
               "exact_match": "greedy exact match, training lengths", "exact_match_ood": "exact match, longer"}  # fmt: skip
-    ax.set(xlabel=labels[x], ylabel=labels[y], title=f"training on rewards: {args.prompts}")
-    ax.legend(fontsize=6)
+    ax.set(xlabel=labels[x], ylabel=labels[y], title=f"training on rewards: {args.prompts} (marker: seed)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
