@@ -614,9 +614,8 @@ class ZooRnnForCausalLM(ZooRnnPreTrainedModel, GenerationMixin):
                         chunk_targets = shift_labels[:, start:end]
                     else:
                         chunk_targets = shifted_targets(labels, start, end)
-                    if (
-                        chunk_mask is not None
-                    ):  # a prediction made at a masked position is not the model's: never score it
+                    # a prediction made at a masked position is not the model's: never score it
+                    if chunk_mask is not None:
                         chunk_targets = chunk_targets.masked_fill(~chunk_mask, IGNORE_INDEX)
                     loss_sum = loss_sum + F.cross_entropy(
                         logits.to(loss_dtype).flatten(0, 1),

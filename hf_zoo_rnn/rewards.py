@@ -167,8 +167,7 @@ class RewardObjective:
         """One reward per prompt (NaN where every sample's reward was non-finite)."""
         texts = self.completions(model, prompts, seed)
         repeat = self.samples
-        expanded = [p for p in prompts for _ in range(repeat)]
-        expanded_columns = {key: [v for v in values for _ in range(repeat)] for key, values in columns.items()}
+        expanded, expanded_columns = per_sample(prompts, columns, repeat)
         rewards = self.scored(expanded, texts, expanded_columns)
         if self.aggregation == "best":
             return pass_at_k(rewards, repeat)
@@ -185,6 +184,12 @@ class RewardObjective:
         """Minus the mean reward over the prompts with a finite one (NaN if none has: the member is dropped)."""
         finite = [v for v in self.prompt_rewards(model, prompts, columns, seed) if not math.isnan(v)]
         return torch.tensor(-sum(finite) / len(finite) if finite else math.nan, dtype=torch.float64)
+
+
+def per_sample(prompts: list[str], columns: dict[str, list], samples: int) -> tuple[list[str], dict[str, list]]:
+    """The prompts and their columns repeated once per sample, in the order `completions` returns the samples."""
+    repeated = {key: [v for v in values for _ in range(samples)] for key, values in columns.items()}
+    return [p for p in prompts for _ in range(samples)], repeated
 
 
 def member_seed(run_seed: int, step: int, probe: int, column: int) -> int:

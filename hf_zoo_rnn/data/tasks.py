@@ -42,14 +42,20 @@ def length_range(max_train_length: int, validation: bool) -> tuple[int, int]:
 
 def encode_batch(tokenizer, examples: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and labels [B, T] (labels follow transformers: position t is scored against labels[t + 1])."""
-    rows, label_rows = [], []
-    for source, target in examples:
-        prompt = tokenizer(source + " ", add_special_tokens=False)["input_ids"]
-        answer = tokenizer(target + " ", add_special_tokens=False)["input_ids"]
-        rows.append(prompt + answer)
-        label_rows.append([IGNORE_INDEX] * len(prompt) + answer)
+    pairs = [
+        (tokenizer(source + " ", add_special_tokens=False)["input_ids"],
+         tokenizer(target + " ", add_special_tokens=False)["input_ids"])
+        for source, target in examples
+    ]  # fmt: skip
+    return answer_batch(pairs, tokenizer.pad_token_id)
+
+
+def answer_batch(pairs: list[tuple[list[int], list[int]]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids and labels [B, T] of (prompt, answer) token lists: only the answers are scored."""
+    rows = [prompt + answer for prompt, answer in pairs]
+    label_rows = [[IGNORE_INDEX] * len(prompt) + answer for prompt, answer in pairs]
     width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     for i, (row, label_row) in enumerate(zip(rows, label_rows, strict=True)):
         ids[i, : len(row)] = torch.tensor(row)

@@ -68,11 +68,14 @@ def build_step(model, model_args, data_args, train_args, zo_config, accelerator,
     if zo_config.num_probes:
         zero_order = ZeroOrderStep(model, ZOOptimizer(model, zo_config, zo_names), accelerator, batch_copies)
     if train_args.objective == "reward":
-        objective = reward_objective(train_args, model_args.init_from, tokenizer, accelerator.device)
+        start = None  # the starting weights, frozen: what fluency scores by and the anchor decays toward
+        if train_args.anchor_decay or "fluency" in (name.strip() for name in train_args.rewards.split(",")):
+            start = AutoModelForCausalLM.from_pretrained(model_args.init_from).to(accelerator.device)
+            start.eval().requires_grad_(False)
+        objective = reward_objective(train_args, start, tokenizer)
         anchor = []
         if train_args.anchor_decay:
-            start = AutoModelForCausalLM.from_pretrained(model_args.init_from).to(accelerator.device)
-            anchor = [dict(start.named_parameters())[name].detach() for name in zo_names]
+            anchor = [dict(start.named_parameters())[name] for name in zo_names]
         step = EvolutionStrategiesStep(zero_order, objective, train_args.seed, anchor, train_args.anchor_decay)
         return BuiltStep(step, model, roles, objective)
     if train_args.local_gradient == "none":
@@ -86,14 +89,13 @@ def build_step(model, model_args, data_args, train_args, zo_config, accelerator,
     return BuiltStep(local_step if zero_order is None else HybridStep(local_step, zero_order), model, roles)
 
 
-def reward_objective(train_args, init_from: str, tokenizer, device) -> RewardObjective:
-    """The reward functions (fluency scored by a frozen copy of the starting model), their weights, and how
+def reward_objective(train_args, start, tokenizer) -> RewardObjective:
+    """The reward functions (fluency scored by `start`, the frozen starting model), their weights, and how
     completions are drawn and scored."""
     functions = []
     for spec in (name.strip() for name in train_args.rewards.split(",")):
         if spec == "fluency":
-            start = AutoModelForCausalLM.from_pretrained(init_from).to(device)
-            functions.append(Fluency(start.eval().requires_grad_(False), tokenizer))
+            functions.append(Fluency(start, tokenizer))
         else:
             try:
                 functions.append(load_reward_function(spec))

@@ -9,10 +9,9 @@ import math
 
 import torch
 
+from ..data.tasks import answer_batch
 from ..forwards.local import accumulate_local_gradients
-from ..rewards import RewardObjective
-
-IGNORE_INDEX = -100
+from ..rewards import RewardObjective, per_sample
 
 
 def group_advantages(rewards: list[float], group: int) -> torch.Tensor:
@@ -39,21 +38,15 @@ class OneStepPolicyGradient:
         self.model.eval()
         completions = objective.completions(self.model, prompts, seed)
         group = objective.samples
-        expanded = [p for p in prompts for _ in range(group)]
-        expanded_columns = {key: [v for v in values for _ in range(group)] for key, values in columns.items()}
+        expanded, expanded_columns = per_sample(prompts, columns, group)
         rewards = objective.scored(expanded, completions, expanded_columns)
         advantages = group_advantages(rewards, group)
-        rows, label_rows = [], []
-        for prompt, completion in zip(expanded, completions, strict=True):
-            context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            answer = tokenizer(completion, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-            rows.append(context + answer)
-            label_rows.append([IGNORE_INDEX] * len(context) + answer)
-        width = max(len(row) for row in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (row, label_row) in enumerate(zip(rows, label_rows, strict=True)):
-            ids[i, : len(row)], labels[i, : len(row)] = torch.tensor(row), torch.tensor(label_row)
+        pairs = [
+            (tokenizer(prompt, add_special_tokens=False)["input_ids"],
+             tokenizer(completion, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id])
+            for prompt, completion in zip(expanded, completions, strict=True)
+        ]  # fmt: skip
+        ids, labels = answer_batch(pairs, tokenizer.pad_token_id)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         device = self.model.device
