@@ -1,9 +1,11 @@
 """Pack a streamed corpus into [batch, context_length] token blocks, resumable exactly.
 
-Documents are separated by the end-of-text token. The stream's state is the upstream dataset's own
-`state_dict()` (rows consumed) plus the tokens already read but not yet emitted, so a resumed stream yields
-exactly the blocks the uninterrupted one would have. Rows are tokenised in bounded pieces, so the buffer (and
-with it the state saved in every checkpoint) stays below one block plus one piece however long a document is.
+Documents are separated by the end-of-text token. A row is cut into pieces of at most SEGMENT_CHARS characters
+(`bounded_pieces`), tokenised one piece at a time as blocks need them. The stream's state is a position, never a
+row's text or tokens: the upstream dataset's own `state_dict()` before the row being read, how many of that row's
+pieces were tokenised, and the tokens read but not yet emitted (less than one block plus one piece). A resumed
+stream reads that row again, skips its tokenised pieces without tokenising them, and yields exactly the blocks the
+uninterrupted one would have; the state stays flat however long one row is.
 """
 
 import logging
@@ -17,6 +19,7 @@ from .tokenization import unknown_spans
 
 logger = logging.getLogger(__name__)
 SHOWN_UNKNOWN = 20  # distinct unknown characters named in the warning
+DOCUMENT_START = None  # a row's first piece when it starts a document: the end-of-text token
 
 
 class PackedStream:
@@ -33,8 +36,9 @@ class PackedStream:
         self.batch_size = batch_size
         self.buffer: list[int] = []  # tokens read; those before `position` are already emitted
         self.position = 0
-        self.last_document = None
-        self.rows_state = None
+        self.rows_state = None  # the dataset's position before the row being read (None: its start)
+        self.pieces_read = None  # how many of that row's pieces are in the buffer (None: no row being read)
+        self.last_document = None  # the document of the row before the one being read
         self.exhausted = False
         self.unknown_tokens = 0  # tokens the tokenizer could only call unknown, so far
         self.unknown_seen: set[str] = set()
@@ -45,38 +49,65 @@ class PackedStream:
         needed = self.batch_size * self.context_length
         rows = iter(self.source.dataset)
         rows_read = False  # until a row is read, the dataset reports its initial position even after a resume
+        pieces = iter(())
+        if self.pieces_read is not None:  # resumed inside a row: read it again, skip what was already tokenised
+            row = self.next_row(rows)
+            if row is None:
+                raise DataError(f"{self.source.description or 'the data'} ended before the checkpoint's position")
+            rows_read, pieces = True, self.row_pieces(row)
+            for _ in range(self.pieces_read):
+                if next(pieces, StopIteration) is StopIteration:
+                    raise DataError(f"{self.source.description or 'the data'} changed since the checkpoint was saved")
         while True:
             while len(self.buffer) - self.position >= needed:
                 block = self.buffer[self.position : self.position + needed]
-                self.position += needed  # the consumed prefix is dropped once per row, not copied per block
-                if rows_read:
-                    self.rows_state = self.source.dataset.state_dict()
+                self.position += needed  # the consumed prefix is dropped once per piece, not copied per block
                 ids = torch.tensor(block, dtype=torch.long).view(self.batch_size, self.context_length)
                 yield ids, ids  # (input_ids, labels), like every stream: a language model predicts its input
             del self.buffer[: self.position]
             self.position = 0
-            try:
-                row = next(rows)
-            except StopIteration:
+            piece = next(pieces, StopIteration)
+            if piece is not StopIteration:
+                self.buffer.extend(self.tokens_of(piece))
+                self.pieces_read += 1
+                continue
+            if rows_read:  # the row is done: the position before the next one
+                self.rows_state = self.source.dataset.state_dict()
+            row = self.next_row(rows)
+            if row is None:
                 self.exhausted = True
                 return
-            except UnicodeDecodeError as error:
-                raise DataError(f"{self.source.description or 'the data'} is not valid UTF-8 text: {error}") from error
-            rows_read = True
-            self.buffer.extend(self.tokens_of(row))
+            rows_read, pieces, self.pieces_read = True, self.row_pieces(row), 0
 
-    def tokens_of(self, row: dict) -> list[int]:
+    def next_row(self, rows) -> dict | None:
+        try:
+            return next(rows)
+        except StopIteration:
+            return None
+        except UnicodeDecodeError as error:
+            raise DataError(f"{self.source.description or 'the data'} is not valid UTF-8 text: {error}") from error
+
+    def row_pieces(self, row: dict) -> Iterator[str | None]:
+        """The row's text in bounded pieces, after DOCUMENT_START when it starts a document. Cutting a piece costs
+        no tokenisation, so a resume skips pieces cheaply."""
         text, key_column = row_text(row, self.source.text_column), self.source.document_column
         key = row[key_column] if key_column else None
         starts_document = key_column is None or key != self.last_document
-        self.last_document = key
         if not starts_document:  # a further row of the same document
             text = self.source.row_separator + text
-        ids = [self.tokenizer.eos_token_id] if starts_document else []
-        for piece in bounded_pieces(text, SEGMENT_CHARS):
-            ids.extend(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
+        # the row's document is "the last" only once the row is done: a state saved mid-row re-reads the row
+        pieces = bounded_pieces(text, SEGMENT_CHARS)
+        if starts_document:
+            yield DOCUMENT_START
+        yield from pieces
+        self.last_document = key
+
+    def tokens_of(self, piece: str | None) -> list[int]:
+        if piece is DOCUMENT_START:
+            return [self.tokenizer.eos_token_id]
+        ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
         if self.tokenizer.unk_token_id is not None and self.tokenizer.unk_token_id in ids:
-            self.count_unknown(ids, text)
+            self.count_unknown(ids, piece)
         return ids
 
     def count_unknown(self, ids: list[int], text: str) -> None:
@@ -97,15 +128,21 @@ class PackedStream:
             )
 
     def state_dict(self) -> dict:
+        """A position: where the row being read starts, how many of its pieces were read, and the tokens read but
+        not yet emitted (bounded by one block plus one piece, whatever the row's length)."""
         return {
             "rows": self.rows_state,
+            "pieces": self.pieces_read,
             "buffer": torch.tensor(self.buffer[self.position :], dtype=torch.long),
             "last_document": self.last_document,
             "unknown_tokens": self.unknown_tokens,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """A state of this version, or of an older one (no "pieces": "rows" is after the last row read, whose
+        remaining tokens are all in "buffer")."""
         self.rows_state = state["rows"]
+        self.pieces_read = state.get("pieces")
         self.buffer = torch.as_tensor(state["buffer"], dtype=torch.long).tolist()
         self.position = 0
         self.last_document = state["last_document"]
