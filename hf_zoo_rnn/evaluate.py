@@ -36,12 +36,28 @@ class EvaluateArguments:
 
 def main() -> None:
     (args,) = HfArgumentParser(EvaluateArguments).parse_args_into_dataclasses()
+    if (problem := argument_problem(args)) is not None:
+        raise SystemExit(f"{command_name()}: {problem}")
     try:
         model, tokenizer = load_trained(args.model)
         metrics = evaluate(model, tokenizer, args)
     except (ModelReferenceError, DataError) as error:
         raise SystemExit(f"{command_name()}: {error}") from None
     print(json.dumps({"model": args.model, **metrics}))
+
+
+def argument_problem(args: EvaluateArguments) -> str | None:
+    """An option that cannot evaluate anything, named (before a model or data is loaded)."""
+    for name in ("batches", "batch_size", "examples"):
+        if getattr(args, name) < 1:
+            return f"--{name} must be at least 1, got {getattr(args, name)}"
+    if args.context_length < 2:
+        return f"--context_length must be at least 2 (a block of one token has no next token to predict), got {args.context_length}"
+    if args.split not in ("train", "validation"):
+        return f"--split must be train or validation, got {args.split!r}"
+    if not 0 <= args.validation_fraction < 1:
+        return f"--validation_fraction must be in [0, 1), got {args.validation_fraction}"
+    return None
 
 
 def evaluate(model, tokenizer, args: EvaluateArguments) -> dict:

@@ -32,6 +32,10 @@ def main() -> None:
         raise SystemExit(f"{command_name()}: --max_new_tokens must be at least 1, got {args.max_new_tokens}")
     if args.num_beams < 1:
         raise SystemExit(f"{command_name()}: --num_beams must be at least 1, got {args.num_beams}")
+    if args.do_sample and (args.temperature <= 0 or args.top_k < 0):
+        raise SystemExit(
+            f"{command_name()}: sampling needs --temperature > 0 and --top_k >= 0, got {args.temperature} and {args.top_k}"
+        )
     torch.manual_seed(args.seed)
     try:
         model, tokenizer = load_trained(args.model)

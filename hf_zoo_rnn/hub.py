@@ -100,8 +100,7 @@ class HubPusher:
         # hard links need the same filesystem, and a push must never write outside the run's own folder (its
         # parent may be read-only): snapshots sit in snapshot_dir, the output directory, outside any checkpoint
         snapshot = Path(tempfile.mkdtemp(prefix=SNAPSHOT_PREFIX, dir=self.snapshot_dir))
-        skip = shutil.ignore_patterns(".tmp-*", f"{SNAPSHOT_PREFIX}*", ".run.lock")
-        shutil.copytree(folder, snapshot / "folder", copy_function=os.link, ignore=skip)
+        shutil.copytree(folder, snapshot / "folder", copy_function=os.link, ignore=not_pushed)
         future: Future = Future()
         with self.lock:
             while len(self.waiting) >= self.max_waiting:
@@ -166,6 +165,16 @@ def resolve_hub_checkpoint(reference: str) -> Path | None:
     return folder
 
 
+def not_pushed(folder: str, names: list[str]) -> set[str]:
+    """What a push leaves out: staging folders, snapshots, the lock, and every symbolic link (a link in a run folder
+    is never followed: its target, anywhere on the machine, must not reach the Hub)."""
+    skipped = set(shutil.ignore_patterns(".tmp-*", f"{SNAPSHOT_PREFIX}*", ".run.lock")(folder, names))
+    links = {name for name in names if os.path.islink(os.path.join(folder, name))}
+    for name in sorted(links - skipped):
+        logger.warning("not pushing %s: a symbolic link is never followed", os.path.join(folder, name))
+    return skipped | links
+
+
 class PushFailedError(RuntimeError):
     """Training finished and its output is saved locally, but the final push did not reach the Hub."""
 
@@ -196,6 +205,10 @@ def load_trained(reference: str):
                 f"{path} holds no trained model (no config.json): pass a finished run's output_dir or one of its "
                 "checkpoint-N folders"
             )
+        from .training.checkpoints import model_folder_problem  # here: the training package imports this module
+
+        if (problem := model_folder_problem(path)) is not None:
+            raise ModelReferenceError(f"cannot load the model in {path}: {problem}")
         try:
             model = AutoModelForCausalLM.from_pretrained(path).eval()
             return model, AutoTokenizer.from_pretrained(path)

@@ -4,6 +4,7 @@ stalls) ends the run with one line naming its cause; under accelerate launch tha
 torch elastic's failure report, instead of "To enable traceback see ...".
 """
 
+import errno
 import json
 import os
 import sys
@@ -18,6 +19,17 @@ from .training.checkpoints import CheckpointError
 from .training.preemption import Preempted
 from .training.run_folder import OutputDirError
 
+# what a disk or a folder's permissions cause (not a bug): one line naming the path
+DISK_ERRORS = (
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+)
 USER_ERRORS = (ConfigFileError, DataError, CheckpointError, TrainingStalledError, OutputDirError, PushFailedError)
 
 
@@ -27,6 +39,10 @@ def main(argv: list[str] | None = None) -> None:
         trainer.train()
     except USER_ERRORS as error:
         exit_with(f"{command_name()}: error: {error}")
+    except OSError as error:
+        if error.errno not in DISK_ERRORS:
+            raise
+        exit_with(f"{command_name()}: error: cannot write {error.filename or 'the output folder'}: {error.strerror}")
     except Preempted as stop:
         trainer.accelerator.end_training()
         print(f"{command_name()}: {stop}", file=sys.stderr)

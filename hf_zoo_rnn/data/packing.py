@@ -141,9 +141,35 @@ class PackedStream:
     def load_state_dict(self, state: dict) -> None:
         """A state of this version, or of an older one (no "pieces": "rows" is after the last row read, whose
         remaining tokens are all in "buffer")."""
+        if state["rows"] is not None:
+            check_rows_state(state["rows"], self.source.dataset.state_dict(), self.source.description)
+        if state.get("pieces") is not None and not isinstance(state["pieces"], int):
+            raise DataError(f"the checkpoint's data position has pieces={state['pieces']!r:.40}, not a count")
         self.rows_state = state["rows"]
         self.pieces_read = state.get("pieces")
         self.buffer = torch.as_tensor(state["buffer"], dtype=torch.long).tolist()
         self.position = 0
         self.last_document = state["last_document"]
         self.unknown_tokens = state.get("unknown_tokens", 0)
+
+
+def check_rows_state(saved, fresh, description: str, where: str = "rows") -> None:
+    """The dataset's saved position must have the structure of this dataset's own (`datasets` indexes into it
+    without checking): the same keys, counts where it has counts, the same type tags."""
+    if isinstance(fresh, dict) and isinstance(saved, dict):
+        if saved.keys() != fresh.keys():
+            raise DataError(
+                f"the checkpoint's data position ({where}) does not fit {description}: it was saved for other data"
+            )
+        for key in fresh:
+            check_rows_state(saved[key], fresh[key], description, f"{where}.{key}")
+    elif saved is None or fresh is None or isinstance(fresh, dict) or isinstance(saved, dict):
+        if isinstance(saved, list | str | bool | float) or (isinstance(saved, int) and isinstance(fresh, dict)):
+            raise DataError(
+                f"the checkpoint's data position has {where}={saved!r:.40}, which does not fit {description}"
+            )
+    elif isinstance(fresh, int) and not isinstance(fresh, bool):
+        if not isinstance(saved, int) or isinstance(saved, bool) or saved < 0:
+            raise DataError(f"the checkpoint's data position has {where}={saved!r:.40}, not a count")
+    elif saved != fresh and isinstance(fresh, str):
+        raise DataError(f"the checkpoint's data position has {where}={saved!r:.40}, not {fresh!r} ({description})")

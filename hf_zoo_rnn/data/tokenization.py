@@ -2,9 +2,12 @@
 
 import string
 from collections.abc import Iterable
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from .corpus import DataError
 
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -66,4 +69,14 @@ def build_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, sample_cha
         return train_bpe(texts, vocab_size, sample_chars)
     if kind == "char":
         return char_tokenizer()
-    return AutoTokenizer.from_pretrained(kind)
+    folder = Path(kind).expanduser()
+    if (
+        folder.is_dir()
+        and not (folder / "tokenizer.json").is_file()
+        and not (folder / "tokenizer_config.json").is_file()
+    ):
+        raise DataError(f"--tokenizer {kind}: {folder} has no tokenizer files (tokenizer.json is missing)")
+    try:
+        return AutoTokenizer.from_pretrained(kind)
+    except (OSError, ValueError) as error:  # a missing file, a Hub name that does not exist, a file it cannot read
+        raise DataError(f"--tokenizer {kind}: cannot load it ({str(error).strip().splitlines()[0]})") from None

@@ -13,6 +13,7 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields, make_dataclass
+from pathlib import Path
 
 from transformers import HfArgumentParser
 
@@ -370,7 +371,34 @@ def check_choices(
             raise ConfigFileError(f"{name} must be at least 1, got {getattr(data_args, name)}")
     if not 0 <= data_args.validation_fraction < 1:
         raise ConfigFileError(f"validation_fraction must be in [0, 1), got {data_args.validation_fraction}")
+    check_run_options(model_args, data_args, train_args)
     if zo_config.lr is not None and zo_config.lr <= 0:
         raise ConfigFileError(
             f"zo_lr must be positive (a ZO step moves against the estimated gradient), got {zo_config.lr}"
         )
+
+
+def check_run_options(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
+    """Options that cannot train, or would train nothing, each one line naming the option."""
+    if not train_args.output_dir:
+        raise ConfigFileError("output_dir is empty: name the folder the run writes")
+    if train_args.max_steps < 1 or train_args.logging_steps < 1:
+        raise ConfigFileError(
+            f"max_steps and logging_steps must be at least 1, got {train_args.max_steps} and {train_args.logging_steps}"
+        )
+    for name in ("save_steps", "eval_steps", "checksum_steps", "save_total_limit", "max_skipped_steps", "hub_retries"):
+        if getattr(train_args, name) < 0:
+            raise ConfigFileError(f"{name} must be 0 or more, got {getattr(train_args, name)}")
+    text = train_args.objective == "lm" and not data_args.task
+    if text and data_args.context_length < 2:
+        raise ConfigFileError(
+            f"context_length must be at least 2 for text: a block of {data_args.context_length} token has no next "
+            "token to predict, so nothing would train"
+        )
+    if model_args.init_from and Path(model_args.init_from).expanduser().exists():
+        from .checkpoints import model_folder_problem  # the Hub's repos are checked when they are downloaded
+
+        folder = Path(model_args.init_from).expanduser()
+        problem = model_folder_problem(folder) if folder.is_dir() else f"{folder} is not a folder"
+        if problem is not None:
+            raise ConfigFileError(f"init_from: {problem}")

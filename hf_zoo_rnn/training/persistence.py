@@ -22,6 +22,8 @@ from .checkpoints import (
     load_state,
     prune_checkpoints,
     publish_atomically,
+    read_object,
+    remove,
     save_state,
     verified_steps,
     write_atomically,
@@ -95,11 +97,13 @@ class RunStorage:
         choice = self.train_args.resume_from_checkpoint
         if choice is None:
             return None
+        hub_cache = False  # a Hub checkpoint's files are links into the Hugging Face cache
         if choice == "latest":
             path = self.agreed_checkpoint() if self.per_machine else latest_checkpoint(self.output_dir)
         else:
             with self.accelerator.main_process_first():  # one download; the others find it in the cache
-                path = resolve_hub_checkpoint(choice) or Path(choice)
+                path = resolve_hub_checkpoint(choice)
+            hub_cache, path = path is not None, path or Path(choice)
         if path is None:
             damaged = checkpoints(self.output_dir)
             raise CheckpointError(
@@ -111,10 +115,24 @@ class RunStorage:
         if choice == "latest":  # latest_checkpoint verified it
             if path != checkpoints(self.output_dir)[-1]:
                 logger.warning("resuming from %s, the newest checkpoint that verifies", path)
-        elif (problem := checkpoint_problem(path)) is not None:
+        elif (problem := checkpoint_problem(path, follow_links=hub_cache)) is not None:
             raise CheckpointError(f"cannot resume from {path}: {problem}")
         check_same_run(path, identities)
+        self.check_steps_left(path)
         return path
+
+    def check_steps_left(self, folder: Path) -> None:
+        """A checkpoint past max_steps cannot train: one line, not a run that silently does nothing."""
+        step, max_steps = read_object(folder / "trainer_state.json")["counters"]["step"], self.train_args.max_steps
+        if step > max_steps:
+            raise CheckpointError(
+                f"{folder} is at step {step}, past --max_steps {max_steps}: there is nothing to train. Raise "
+                f"--max_steps above {step} to train it further"
+            )
+        if step == max_steps:
+            logger.warning(
+                "%s is at --max_steps %d already: it is evaluated and saved again, not trained", folder, step
+            )
 
     def save_checkpoint(self, step: int, model, tokenizer, process_state: dict, step_state: dict,
                         trainer_state: dict, write_report) -> Path:  # fmt: skip
@@ -141,18 +159,33 @@ class RunStorage:
 
     def load_checkpoint(self, folder: Path, per_rank_batches: bool) -> tuple[dict, dict, dict]:
         """(trainer state, this process's state, the step's state) of a checkpoint written by this run."""
-        state = json.loads((folder / "trainer_state.json").read_text())
+        state = read_object(folder / "trainer_state.json")  # its shape was checked with the checkpoint
         if state["world_size"] != self.world_size and per_rank_batches:
             raise CheckpointError(
                 f"{folder} was written by {state['world_size']} processes with per_rank_batches; resume with the same number"
             )
         if self.accelerator.is_main_process:  # a killed run logged past its checkpoint: this run logs those steps again
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state["history"]))
-        process_state = load_state(folder, f"process_{self.rank if state['world_size'] == self.world_size else 0}")
+            self.rewrite_log(state["history"])
+        name = f"process_{self.rank if state['world_size'] == self.world_size else 0}"
+        process_state = load_state(folder, name)
+        if not isinstance(process_state, dict) or not isinstance(process_state.get("data"), dict):
+            raise CheckpointError(f"{folder / name}.json holds no data position (an object under data)")
         device = self.accelerator.device  # a CPU process of a multi-machine run gets "cpu:0": load it to "cpu"
         step_state = load_state(folder, "optimizer", device=str(device) if device.type != "cpu" else "cpu")
+        if not isinstance(step_state, dict):
+            raise CheckpointError(f"{folder / 'optimizer.json'} holds {type(step_state).__name__}, not a step's state")
         return state, process_state, step_state
+
+    def rewrite_log(self, history: list[dict]) -> None:
+        """metrics.jsonl as of the checkpoint, written anew: a link in its place is replaced, never written through."""
+        path = self.output_dir / "metrics.jsonl"
+        staging = self.output_dir / ".tmp-metrics.jsonl"
+        try:
+            remove(staging)
+            staging.write_text("".join(json.dumps(r) + "\n" for r in history))
+            staging.replace(path)
+        except OSError as error:
+            raise CheckpointError(f"cannot write {error.filename or path}: {error.strerror}") from None
 
     def publish_final(self, model, tokenizer, write_report, step: int) -> None:
         """The final model at the top of output_dir (atomically), then the last push, waited for."""
@@ -207,7 +240,7 @@ class RunStorage:
 
 def check_same_run(folder: Path, identities: dict[str, dict]) -> None:
     """A checkpoint carries over only to the run that wrote it: the same data and run identity (what it records)."""
-    state = json.loads((folder / "trainer_state.json").read_text())
+    state = read_object(folder / "trainer_state.json")
     for kind, identity in identities.items():
         saved = state.get(kind)
         if saved is None:  # written before checkpoints recorded it

@@ -1,6 +1,8 @@
 """Data-stream assembly: what a run trains on and validates on, from its data arguments. Streams, not the loop, know
 whether batches are packed text, task examples or prompts; `BatchSource` hands the loop its next batch."""
 
+import torch
+
 from ..data import DataError, PackedStream, TaskStream, open_text_source
 from ..data.prompts import PromptBatch, PromptStream
 
@@ -96,4 +98,42 @@ class BatchSource:
 
     def load_state_dict(self, state: dict) -> None:
         if not self.data_args.fixed_batch:
+            check_data_state(state, self.stream.state_dict())
             self.stream.load_state_dict(state)
+
+
+# keys an older version's data state may lack (its stream fills them in)
+OPTIONAL_STATE = ("pieces", "unknown_tokens")
+
+
+def check_data_state(saved, fresh: dict) -> None:
+    """A checkpoint's data position must have the shape this run's stream saves (the same keys, each of the same
+    kind), so a malformed one is one line, not an error deep inside the stream."""
+    if not isinstance(saved, dict):
+        raise DataError(f"the checkpoint's data position is {type(saved).__name__}, not an object")
+    for key, value in fresh.items():
+        if key not in saved:
+            if key in OPTIONAL_STATE:
+                continue
+            raise DataError(f"the checkpoint's data position has no {key!r}: it was saved for other data")
+        if not same_kind(saved[key], value):
+            raise DataError(f"the checkpoint's data position has {key}={saved[key]!r:.60}, not a {kind(value)}")
+
+
+def kind(value) -> str:
+    return "whole number" if isinstance(value, int) else type(value).__name__
+
+
+def same_kind(saved, fresh) -> bool:
+    """Whether a saved value can stand where the stream holds `fresh` (None stands for "not started")."""
+    if saved is None or fresh is None:
+        return True
+    if isinstance(fresh, bool) or isinstance(saved, bool):
+        return type(saved) is type(fresh)
+    if isinstance(fresh, int):
+        return isinstance(saved, int) and saved >= 0
+    if isinstance(fresh, torch.Tensor):
+        return isinstance(saved, torch.Tensor) and saved.dim() == fresh.dim() and saved.dtype == fresh.dtype
+    if isinstance(fresh, str | float):
+        return isinstance(saved, str | int | float)
+    return isinstance(saved, type(fresh))
