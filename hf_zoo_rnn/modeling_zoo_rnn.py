@@ -42,6 +42,9 @@ FLASHRNN_DTYPES = {
     torch.float16: "float16",
 }
 IGNORE_INDEX = -100
+# Set (to the error) when FlashRNN's fused kernel cannot be built in this process (flashrnn 1.0.8's gpu_info extension
+# under CUDA 13, whose cudaDeviceProp lacks fields it reads): "auto" then runs `cuda` and never retries the build.
+FUSED_BUILD_ERROR: str | None = None
 EMPTY_INPUT = (
     "ZooRnn needs at least one input token, got none (an empty prompt? start it with the tokenizer's bos_token)"
 )
@@ -106,6 +109,36 @@ def lstm_loop(x, W, R, b, state):
     return lstm_steps(F.linear(x, W).view(batch, steps, 4, *b.shape[1:]), R, b, state)
 
 
+def matmul_recurrence(r):
+    """The model's recurrent term, the cells' default hook: gate g of R h is h @ r[g] (r: R transposed, a view)."""
+    return lambda h: lambda g: torch.matmul(h, r[g])
+
+
+def lstm_cell(recurrent, x, h, c):
+    """One LSTM step, the cell written once for every forward: x [4, ..., D] the gates' projected inputs with their
+    biases; `recurrent(h)` gives the recurrent terms, gate g's as `recurrent(h)(g)` (a fresh tensor: the cell adds
+    to it in place). The model's hook is a plain matmul (`matmul_recurrence`); a population's adds each member's
+    change. Gates (i, f, z, o). Returns (h, c)."""
+    rh = recurrent(h)
+    i = torch.sigmoid(rh(0).add_(x[0]))
+    f = torch.sigmoid(rh(1).add_(x[1]))
+    z = torch.tanh(rh(2).add_(x[2]))
+    o = torch.sigmoid(rh(3).add_(x[3]))
+    c = torch.addcmul(f * c, i, z)
+    return o * torch.tanh(c), c
+
+
+def gru_cell(recurrent, x, b_hn, h):
+    """One GRU step, the cell written once for every forward: x [3, ..., D] the projected inputs (r, z, n) with b_r,
+    b_z, b_in; `recurrent` as in `lstm_cell`, R gates (n, r, z); b_hn acts inside the reset product:
+    h' = z * h + (1 - z) * tanh(x_n + r * (R_n h + b_hn))."""
+    rh = recurrent(h)
+    reset = torch.sigmoid(rh(1).add_(x[0]))
+    update = torch.sigmoid(rh(2).add_(x[1]))
+    candidate = torch.tanh(rh(0).add_(b_hn).mul_(reset).add_(x[2]))
+    return torch.lerp(candidate, h, update)
+
+
 def lstm_steps(wx, R, b, state):
     """The LSTM loop on projected inputs. wx [B, T, 4, *H, D], R [4, *H, D, D], b [4, *H, D], state [2, B, *H, D],
     where the head dims *H are (N,) for one model and (P, N) for P stacked models.
@@ -113,18 +146,12 @@ def lstm_steps(wx, R, b, state):
     Each gate is one batched matmul per step against a transposed *view* of R, and the inputs are read through
     views: nothing weight- or input-sized is re-laid out, which matters when R holds a billion parameters."""
     xb = wx + b  # bias folded in once; still [B, T, 4, *H, D]
-    r = R.transpose(-1, -2)  # [4, *H, D_in, D_out], a view
+    recurrent = matmul_recurrence(R.transpose(-1, -2))  # R^T [4, *H, D_in, D_out], a view
     # [*H, B, D], contiguous: elementwise results inherit their inputs' layout, and matmul wants this one
     h, c = state[0].movedim(0, -2).contiguous(), state[1].movedim(0, -2).contiguous()
     outputs = []
     for t in range(wx.shape[1]):
-        x = xb[:, t].movedim(0, -2)  # [4, *H, B, D], a view
-        i = torch.sigmoid(torch.matmul(h, r[0]).add_(x[0]))
-        f = torch.sigmoid(torch.matmul(h, r[1]).add_(x[1]))
-        z = torch.tanh(torch.matmul(h, r[2]).add_(x[2]))
-        o = torch.sigmoid(torch.matmul(h, r[3]).add_(x[3]))
-        c = torch.addcmul(f * c, i, z)
-        h = o * torch.tanh(c)
+        h, c = lstm_cell(recurrent, xb[:, t].movedim(0, -2), h, c)  # x [4, *H, B, D], a view
         outputs.append(h)
     return torch.stack(outputs).movedim(-2, 0), torch.stack((h, c)).movedim(-2, 1)
 
@@ -136,20 +163,15 @@ def gru_loop(x, W, R, b, state):
 
 
 def gru_steps(wx, R, b, state):
-    """The GRU loop on projected inputs, shapes as `lstm_steps` with 3 gates: h' = z * h + (1 - z) * tanh(x_n +
-    b_in + r * (R_n h + b_hn)); wx gates (r, z, n), R gates (n, r, z)."""
+    """The GRU loop on projected inputs, shapes as `lstm_steps` with 3 gates (wx gates (r, z, n), R gates (n, r, z))."""
     b_hn, b_r, b_z, b_in = b
     xb = wx + torch.stack((b_r, b_z, b_in))  # [B, T, 3, *H, D]
-    r = R.transpose(-1, -2)  # [3, *H, D_in, D_out], a view
+    recurrent = matmul_recurrence(R.transpose(-1, -2))  # R^T [3, *H, D_in, D_out], a view
     b_hn = b_hn.unsqueeze(-2)  # [*H, 1, D]
     h = state[0].movedim(0, -2).contiguous()  # [*H, B, D], the layout matmul wants
     outputs = []
     for t in range(wx.shape[1]):
-        x = xb[:, t].movedim(0, -2)  # [3, *H, B, D], a view
-        reset = torch.sigmoid(torch.matmul(h, r[1]).add_(x[0]))
-        update = torch.sigmoid(torch.matmul(h, r[2]).add_(x[1]))
-        candidate = torch.tanh(torch.matmul(h, r[0]).add_(b_hn).mul_(reset).add_(x[2]))
-        h = torch.lerp(candidate, h, update)
+        h = gru_cell(recurrent, xb[:, t].movedim(0, -2), b_hn, h)  # x [3, *H, B, D], a view
         outputs.append(h)
     return torch.stack(outputs).movedim(-2, 0), h.movedim(-2, 0)[None]
 
@@ -375,15 +397,22 @@ class ZooRnnLayer(GradientCheckpointingLayer):
 
     def recur(self, run, *inputs):
         """`run(cell, backend, *inputs)` on this layer's backend. FlashRNN raises ValueError when its fused kernel
-        cannot fit the shape; "auto" then uses `cuda` for this layer from now on."""
+        cannot fit the shape, and RuntimeError ("Error building extension ...") when it cannot be compiled here;
+        "auto" then uses `cuda` for this layer (a build failure: for every layer of the process) from now on."""
+        global FUSED_BUILD_ERROR
         backend = resolve_backend(self.configured_backend, self.cell, inputs[0].device)
-        if backend == "cuda_fused" and self._fused_fallback:
+        auto = self.configured_backend == "auto"
+        if backend == "cuda_fused" and (self._fused_fallback or (auto and FUSED_BUILD_ERROR is not None)):
             backend = "cuda"
         try:
             return run(self.cell, backend, *inputs)
-        except ValueError:
-            if backend != "cuda_fused" or self.configured_backend != "auto":
+        except (ValueError, RuntimeError) as error:
+            if backend != "cuda_fused" or not auto:
                 raise
+            if isinstance(error, RuntimeError):
+                if "Error building extension" not in str(error):
+                    raise
+                FUSED_BUILD_ERROR = str(error)
             self._fused_fallback = True
             return run(self.cell, "cuda", *inputs)
 

@@ -14,6 +14,10 @@ import re
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
+
+from .data.tasks import IGNORE_INDEX, answer_batch
+from .forwards.population import members_generate
 
 RewardFunction = Callable[..., list[float]]
 
@@ -54,25 +58,35 @@ def distinct_4(prompts: list[str], completions: list[str], **_) -> list[float]:
 
 class Fluency:
     """The mean log-probability per token of each completion given its prompt under a frozen model (the starting
-    model): a reward that keeps text fluent while another term changes it."""
+    model): a reward that keeps text fluent while another term changes it. Every completion of a call is scored
+    in batched forwards of `batch_size` rows (right-padded, the padding masked: each row as alone)."""
 
     __name__ = "fluency"
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, batch_size: int = 64):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     @torch.inference_mode()
     def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
-        rewards = []
-        for prompt, completion in zip(prompts, completions, strict=True):
-            context = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [self.tokenizer.eos_token_id]
-            answer = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
-            if not answer:
-                rewards.append(0.0)
-                continue
-            ids = torch.tensor([context + answer], device=self.model.device)
-            labels = torch.tensor([[-100] * len(context) + answer], device=self.model.device)
-            rewards.append(-self.model(ids, labels=labels).loss.item())
+        tokenizer, device = self.tokenizer, self.model.device
+        pairs = [
+            (tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id],
+             tokenizer(completion, add_special_tokens=False)["input_ids"])
+            for prompt, completion in zip(prompts, completions, strict=True)
+        ]  # fmt: skip
+        rewards = [0.0] * len(pairs)  # an empty completion scores 0
+        scored = [row for row, (_, answer) in enumerate(pairs) if answer]
+        for first in range(0, len(scored), self.batch_size):
+            rows = scored[first : first + self.batch_size]
+            ids, labels = answer_batch([pairs[row] for row in rows], tokenizer.pad_token_id)
+            lengths = torch.tensor([len(pairs[row][0]) + len(pairs[row][1]) for row in rows])
+            mask = torch.arange(ids.shape[1])[None] < lengths[:, None]
+            logits = self.model(ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+            targets = labels[:, 1:].to(device)
+            losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+            means = losses.sum(1) / (targets != IGNORE_INDEX).sum(1)
+            for row, value in zip(rows, means.tolist(), strict=True):
+                rewards[row] = -value
         return rewards
 
 
@@ -135,9 +149,11 @@ def pass_at_k(rewards: list[float], k: int) -> list[float]:
 
 
 class RewardObjective:
-    """A model's loss on a batch of prompts: minus the mean reward of its completions. Completions are greedy unless
+    """A model's reward on a batch of prompts: the mean reward of its completions. Completions are greedy unless
     `do_sample`; then `samples` per prompt, scored per prompt by their mean or their best (pass@k), from a seed the
-    caller fixes per member, so a member's completions do not depend on which process generates them."""
+    caller fixes per member, so a member's completions do not depend on which process generates them, nor on
+    whether it generates alone (`completions`) or in one batch with the rest of the population
+    (`population_completions`)."""
 
     def __init__(self, tokenizer, functions: list[RewardFunction], weights: list[float], max_new_tokens: int,
                  do_sample: bool = False, temperature: float = 1.0, samples: int = 1, aggregation: str = "mean"):  # fmt: skip
@@ -146,11 +162,16 @@ class RewardObjective:
         self.samples, self.aggregation = samples, aggregation
         self.nonfinite = 0  # completions whose reward was not a finite number, so far
 
+    def encoded(self, prompts: list[str]):
+        """The prompts left-padded into one batch."""
+        self.tokenizer.padding_side = "left"
+        return self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
     @torch.inference_mode()
     def completions(self, model, prompts: list[str], seed: int | None = None) -> list[str]:
-        """`samples` completions per prompt, prompt by prompt in order (the prompts left-padded into one batch)."""
-        self.tokenizer.padding_side = "left"
-        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        """`samples` completions per prompt, prompt by prompt in order, from the model's own `generate`: any causal
+        LM, its weights as they are."""
+        encoded = self.encoded(prompts)
         options = {"do_sample": self.do_sample, "num_return_sequences": self.samples}
         if self.do_sample:
             options.update(temperature=self.temperature, top_k=0)
@@ -163,27 +184,47 @@ class RewardObjective:
             )  # fmt: skip
         return self.tokenizer.batch_decode(output[:, encoded.input_ids.shape[1] :], skip_special_tokens=True)
 
-    def prompt_rewards(self, model, prompts: list[str], columns: dict, seed: int | None = None) -> list[float]:
-        """One reward per prompt (NaN where every sample's reward was non-finite)."""
-        texts = self.completions(model, prompts, seed)
-        repeat = self.samples
+    def population_completions(self, model, changes: dict, prompts: list[str], seeds: list[int]) -> list[list[str]]:
+        """Every member's `completions` (member m with the low-rank `changes` of a ZooRnn model and sampling seed
+        `seeds[m]`) from one batched forward per token: rows are (member, prompt, sample)."""
+        encoded = self.encoded(prompts)
+        device = model.device
+        ids = encoded.input_ids.repeat_interleave(self.samples, 0).to(device)  # as generate's num_return_sequences
+        mask = encoded.attention_mask.repeat_interleave(self.samples, 0).to(device)
+        sampling = {}
+        if self.do_sample:
+            sampling = {"temperature": self.temperature,
+                        "generators": [torch.Generator(device).manual_seed(seed) for seed in seeds]}  # fmt: skip
+        tokens = members_generate(
+            model, changes, ids, mask, self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=model.generation_config.eos_token_id, **sampling,
+        )  # fmt: skip
+        return [self.tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in tokens]
+
+    def member_rewards(self, prompts: list[str], completions: list[list[str]], columns: dict) -> torch.Tensor:
+        """[M, P] float64: each member's reward per prompt (the mean or best of its samples; NaN where every
+        sample's reward was non-finite), from `completions` [M][P * samples]. Each reward function is called once
+        with every member's completions."""
+        members, repeat = len(completions), self.samples
         expanded, expanded_columns = per_sample(prompts, columns, repeat)
-        rewards = self.scored(expanded, texts, expanded_columns)
+        everyone = {key: values * members for key, values in expanded_columns.items()}
+        rewards = self.scored(expanded * members, [text for texts in completions for text in texts], everyone)
         if self.aggregation == "best":
-            return pass_at_k(rewards, repeat)
-        groups = [[v for v in rewards[i : i + repeat] if not math.isnan(v)] for i in range(0, len(rewards), repeat)]
-        return [sum(group) / len(group) if group else math.nan for group in groups]
+            per_prompt = pass_at_k(rewards, repeat)
+        else:
+            groups = [[v for v in rewards[i : i + repeat] if not math.isnan(v)] for i in range(0, len(rewards), repeat)]
+            per_prompt = [sum(group) / len(group) if group else math.nan for group in groups]
+        return torch.tensor(per_prompt, dtype=torch.float64).view(members, len(prompts))
+
+    def prompt_rewards(self, model, prompts: list[str], columns: dict, seed: int | None = None) -> list[float]:
+        """The model's reward per prompt, as it is (NaN where every sample's reward was non-finite)."""
+        return self.member_rewards(prompts, [self.completions(model, prompts, seed)], columns)[0].tolist()
 
     def scored(self, prompts: list[str], completions: list[str], columns: dict) -> list[float]:
         """The weighted reward of each completion (NaN where it is not finite, and counted)."""
         rewards, nonfinite = combined_rewards(self.functions, self.weights, prompts, completions, columns)
         self.nonfinite += nonfinite
         return rewards
-
-    def loss(self, model, prompts: list[str], columns: dict, seed: int | None = None) -> torch.Tensor:
-        """Minus the mean reward over the prompts with a finite one (NaN if none has: the member is dropped)."""
-        finite = [v for v in self.prompt_rewards(model, prompts, columns, seed) if not math.isnan(v)]
-        return torch.tensor(-sum(finite) / len(finite) if finite else math.nan, dtype=torch.float64)
 
 
 def per_sample(prompts: list[str], columns: dict[str, list], samples: int) -> tuple[list[str], dict[str, list]]:

@@ -7,7 +7,9 @@ reward functions. Three settings (--prompts):
   reverse   the same for `reverse` (reverse_exact)
 
 Methods (--methods):
-  es           evolution strategies: python -m hf_zoo_rnn.train --config rewards-kjv (greedy members, no gradients)
+  es           evolution strategies: python -m hf_zoo_rnn.train --config rewards-kjv (greedy members, no gradients),
+               once per --es_populations entry MEMBERSxRANK (rank "full": the paper's full-rank directions, members
+               one at a time; a number: low-rank members generating as one batch)
   es_pass4     the same with pass@4 as the reward: 4 sampled completions per prompt and member, the best one counts
                (a reward GRPO cannot express: its advantage is per completion)
   grpo         TRL's GRPOTrainer: 8 sampled completions per prompt, backpropagation through them, KL term beta,
@@ -20,7 +22,7 @@ one thread each. GRPO's learning rates are swept on the first seed, and the best
 seeds. Reported per run, on held-out prompts: for kjv (Jude, Revelation) greedy distinct-4, mean reward, KL to the
 start model along its greedy continuations, validation loss; for a task greedy exact match in distribution (fresh
 prompts of the training lengths) and out of distribution (longer), and pass@4 in distribution. Also steps,
-generations per second and peak RSS; samples of greedy text (and of sampled text for GRPO, the policy it optimises).
+rollouts (completions generated in training), generations per second and peak RSS; samples of greedy text (and of sampled text for GRPO, the policy it optimises).
 --memory also measures the peak RSS of one ES step against plain generation, each in a process of its own, at each
 of --memory_lengths completion tokens.
 
@@ -51,8 +53,9 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainerCallback  # noqa: E402
 
 from hf_zoo_rnn.data import BUILTIN_KJV, PackedStream, open_text_source  # noqa: E402
-from hf_zoo_rnn.data.prompts import PROMPT_TASKS, PromptStream  # noqa: E402
+from hf_zoo_rnn.data.prompts import PROMPT_TASKS, PromptBatch, PromptStream  # noqa: E402
 from hf_zoo_rnn.estimators.policy_gradient import OneStepPolicyGradient  # noqa: E402
+from hf_zoo_rnn.estimators.zero_order import EvolutionStrategiesStep  # noqa: E402
 from hf_zoo_rnn.rewards import Fluency, RewardObjective, add_exact, distinct_4, member_seed, reverse_exact  # noqa: E402
 from hf_zoo_rnn.training.evaluation import kl_to_reference, language_model_metrics  # noqa: E402
 from hf_zoo_rnn.training.reporting import write_table  # noqa: E402
@@ -65,6 +68,12 @@ TASK_REWARDS = {"add": add_exact, "reverse": reverse_exact}
 PASS_K = 4
 
 
+class OneProcess:
+    """What the ES step needs of an Accelerator, for one process."""
+
+    process_index, num_processes = 0, 1
+
+
 @dataclass
 class RewardBenchmarkArguments:
     start: str = field(default="outputs/default", metadata={"help": "the trained model every method starts from"})
@@ -73,6 +82,9 @@ class RewardBenchmarkArguments:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "one run per seed"})
     methods: list[str] = field(
         default_factory=lambda: ["es", "grpo", "one_step_pg"], metadata={"help": f"of {METHODS}"}
+    )
+    es_populations: list[str] = field(
+        default_factory=lambda: ["64x1"], metadata={"help": "ES members x rank per run (rank 'full' or a number)"}
     )
     grpo_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-4, 3e-5], metadata={"help": "GRPO lr sweep"})
     grpo_beta: float = field(default=0.04, metadata={"help": "GRPO's KL coefficient"})
@@ -162,9 +174,14 @@ def run_trainer(command: list[str], out: Path) -> int:
     return max(r["step"] for r in records)
 
 
-def run_es(args: RewardBenchmarkArguments, seed: int, out: Path, pass_k: bool) -> int:
+def run_es(args: RewardBenchmarkArguments, seed: int, out: Path, pass_k: bool, population: str) -> int:
+    members, rank = population.split("x")
     options = ["--config", "rewards-kjv", "--batch_size", str(args.prompts_per_step),
-               "--max_new_tokens", str(args.completion_tokens)]  # fmt: skip
+               "--max_new_tokens", str(args.completion_tokens), "--zo_num_probes", str(int(members) // 2)]  # fmt: skip
+    if rank == "full":
+        options += ["--zo_perturbation", "full"]
+    else:
+        options += ["--zo_perturbation", "lowrank", "--zo_perturbation_rank", rank]
     if args.is_task:
         options += ["--prompts", args.prompts, "--rewards", TASK_REWARDS[args.prompts].__name__, "--reward_weights",
                     "1", "--task_max_length", str(args.task_max_length)]  # fmt: skip
@@ -231,12 +248,10 @@ def run_one_step_pg(args: RewardBenchmarkArguments, seed: int, model, start, tok
     return steps
 
 
-def generations_per_step(args: RewardBenchmarkArguments, method: str) -> int:
-    """Completions a step generates: ES, every member for every prompt (num_probes = 8 pairs, as rewards-kjv)."""
-    if method == "es":
-        return 2 * 8 * args.prompts_per_step
-    if method == "es_pass4":
-        return 2 * 8 * args.prompts_per_step * PASS_K
+def generations_per_step(args: RewardBenchmarkArguments, method: str, population: str | None) -> int:
+    """Completions a step generates: ES, every member for every prompt (and every sample of pass@4)."""
+    if method in ("es", "es_pass4"):
+        return int(population.split("x")[0]) * args.prompts_per_step * (PASS_K if method == "es_pass4" else 1)
     return 0 if method == "ce" else args.group * args.prompts_per_step
 
 
@@ -247,12 +262,14 @@ def memory_worker(args: RewardBenchmarkArguments, mode: str, length: int) -> dic
     prompts = PromptStream(BUILTIN_KJV, "train", args.prompts_per_step, seed=0).batch(0).prompts
     if mode == "generate":
         objective = RewardObjective(tokenizer, [distinct_4], [1.0], length)
-        run = partial(objective.completions, model, prompts)
-    else:  # with the config's rewards: fluency holds a frozen copy of the start
+        run = partial(objective.completions, model, prompts * 64)  # as many rows as the ES step's members
+    else:  # with the config's rewards (fluency holds a frozen copy of the start) and population (64 low-rank members)
         start = AutoModelForCausalLM.from_pretrained(args.start).eval().requires_grad_(False)
         objective = RewardObjective(tokenizer, *rewards_of(args, start, tokenizer), length)
-        config = ZOConfig(num_probes=8, eps=0.01, lr=1e-3, update_rule="adam", loss_shaping="zscore")
-        run = partial(ZOOptimizer(model, config).step, partial(objective.loss, model, prompts, {}))
+        config = ZOConfig(num_probes=32, eps=0.01, lr=1e-3, update_rule="adam", loss_shaping="zscore",
+                          perturbation="lowrank")  # fmt: skip
+        step = EvolutionStrategiesStep(model, ZOOptimizer(model, config), objective, OneProcess(), run_seed=0)
+        run = partial(step.step, PromptBatch(prompts))
     before, peak = rss_peak_during(run)
     return {"mode": mode, "completion_tokens": length, "rss_before_mb": round(before, 1),
             "peak_rss_mb": round(peak, 1), "extra_mb": round(peak - before, 1)}  # fmt: skip
@@ -280,14 +297,19 @@ def worker(args: RewardBenchmarkArguments, spec: str, output_dir: Path) -> dict:
     if spec.startswith("memory-"):
         mode, length = spec.removeprefix("memory-").split(":")
         return memory_worker(args, mode, int(length))
-    method, seed, *lr = spec.split(":")
-    seed, lr = int(seed), float(lr[0]) if lr else None
+    method, seed, *option = spec.split(":")
+    seed = int(seed)
+    lr = float(option[0]) if option and method == "grpo" else None
+    population = option[0] if option and method.startswith("es") else None
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(args.start)
     start = AutoModelForCausalLM.from_pretrained(args.start).eval().requires_grad_(False)
     out = output_dir / f"reward_runs_{args.prompts}" / spec.replace(":", "-")
     if method in ("es", "es_pass4", "ce"):
-        steps = run_ce(args, seed, out) if method == "ce" else run_es(args, seed, out, pass_k=method == "es_pass4")
+        if method == "ce":
+            steps = run_ce(args, seed, out)
+        else:
+            steps = run_es(args, seed, out, method == "es_pass4", population)
         model = AutoModelForCausalLM.from_pretrained(out)
     else:
         model = AutoModelForCausalLM.from_pretrained(args.start)
@@ -295,8 +317,10 @@ def worker(args: RewardBenchmarkArguments, spec: str, output_dir: Path) -> dict:
             steps = run_grpo(args, seed, lr, out, model, start, tokenizer)
         else:
             steps = run_one_step_pg(args, seed, model, start, tokenizer)
-    results = {"method": method if lr is None else f"{method} lr={lr:g}", "seed": seed, "steps": steps,
-               "generations_per_s": round(steps * generations_per_step(args, method) / args.seconds, 1),
+    name = f"{method} lr={lr:g}" if lr is not None else f"{method} {population}" if population else method
+    rollouts = steps * generations_per_step(args, method, population)
+    results = {"method": name, "seed": seed, "steps": steps, "rollouts": rollouts,
+               "generations_per_s": round(rollouts / args.seconds, 1),
                **evaluate(model, start, tokenizer, args), "peak_rss_mb": round(peak_rss_mb())}  # fmt: skip
     if method == "grpo":  # the sampled policy GRPO optimises, beside the greedy decoder
         functions, weights = rewards_of(args, start, tokenizer)
@@ -326,6 +350,10 @@ def main() -> None:
     rows = [{"method": "start", "seed": "", "steps": 0, **evaluate(start, start, tokenizer, args)}]
     first, rest = args.seeds[0], args.seeds[1:]
     for method in args.methods:
+        if method in ("es", "es_pass4"):
+            rows += [run_worker(f"{method}:{seed}:{population}") for population in args.es_populations
+                     for seed in args.seeds]  # fmt: skip
+            continue
         if method != "grpo":
             rows += [run_worker(f"{method}:{seed}") for seed in args.seeds]
             continue

@@ -14,6 +14,7 @@ import csv
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,11 +31,12 @@ from hf_zoo_rnn import ZooRnnConfig, ZooRnnForCausalLM
 from hf_zoo_rnn.config_files import load_model_config
 from hf_zoo_rnn.estimators.zero_order import population_loss
 from hf_zoo_rnn.forwards.local import accumulate_local_gradients
+from hf_zoo_rnn.forwards.population import members_generate
 from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ("parity", "throughput", "table1", "memory", "product")
-PART_SECONDS = {"parity": 100, "throughput": 100, "table1": 90, "memory": 60, "product": 70}
+PARTS = ("parity", "throughput", "table1", "memory", "product", "population")
+PART_SECONDS = {"parity": 100, "throughput": 100, "table1": 90, "memory": 60, "product": 70, "population": 80}
 # the stack's stated parity tolerances (max |logit difference| against the fp64 CPU path)
 TOLERANCE = {("cuda", "float32"): 1e-4, ("float32",): 1e-2, ("bfloat16",): 5e-2, ("vanilla", "float32"): 1e-5}
 
@@ -304,7 +306,10 @@ def product(dry_run: bool):
     started = time.perf_counter()
     result = subprocess.run(launch, capture_output=True, text=True)
     if result.returncode != 0:
-        yield row("product", "accelerate launch scripts/train.py", "", "", "error", result.stderr[-300:])
+        errors = [line for line in result.stderr.splitlines()  # the child's exception, not torchrun's banner
+                  if re.search(r"\w+(Error|Exception): ", line) and "ChildFailedError" not in line]  # fmt: skip
+        yield row("product", "accelerate launch scripts/train.py", "", "", "error",
+                  (errors[-1] if errors else result.stderr[-300:])[:300])  # fmt: skip
         return
     eval_loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1]).get("eval_loss")
     yield row("product", "train 20 steps (default run)", round(time.perf_counter() - started, 1), "s",
@@ -324,6 +329,40 @@ def product(dry_run: bool):
               "pass" if error <= limit else "FAIL", f"tolerance {limit:g}")  # fmt: skip
 
 
+def population(dry_run: bool):
+    """The ES population as one batch (EGGROLL): 256 and 1,024 rank-1 members each continuing 8 prompts for 40 tokens
+    in one batched forward per token (`members_generate`), against plain batched `generate` of the same rows; the
+    torch backend (cuDNN's LSTM for the plain model), so nothing waits for a kernel build."""
+    device = device_of(dry_run)
+    config = ZooRnnConfig(vocab_size=4096, embedding_size=256, num_heads=2, head_dim=256, num_hidden_layers=2,
+                          backend="torch", eos_token_id=None, pad_token_id=0)  # fmt: skip
+    model = ZooRnnForCausalLM(config).to(device).eval().requires_grad_(False)
+    model.generation_config.eos_token_id = None
+    prompts, tokens = 8, 4 if dry_run else 40
+    ids = torch.randint(1, config.vocab_size, (prompts, 6), device=device)
+    for members in (4,) if dry_run else (256, 1024):
+        zo = ZOOptimizer(model, ZOConfig(num_probes=members // 2, lr=1e-3, perturbation="lowrank"))
+        changes = dict(zip(zo.names, zo.perturber.members(range(members // 2), (1e-3, -1e-3)), strict=True))
+        batched = partial(members_generate, model, changes, ids, None, tokens, pad_token_id=0)
+        rows = ids.repeat(members, 1)
+        plain = partial(model.generate, rows, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                        pad_token_id=0)  # fmt: skip
+        results = {}
+        for name, fn in (("plain generate", plain), ("ES members, one batch", batched)):
+            with torch.no_grad():
+                fn()  # warm-up
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                seconds, _ = timed(fn, device)
+            results[name] = members * prompts / seconds
+            peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+            yield row("population", f"{name}, {members} members x {prompts} prompts", round(results[name]),
+                      "completions/s", detail=f"{tokens} tokens; peak {peak:.0f} MiB")  # fmt: skip
+        share = results["ES members, one batch"] / results["plain generate"]
+        yield row("population", f"ES batch / plain generate, {members} members", round(share, 3), "ratio",
+                  "pass" if share >= 0.85 else "below target", "target >= 0.85 (issue 27)")  # fmt: skip
+
+
 # -- the driver ---------------------------------------------------------------------------------------------------
 
 
@@ -339,8 +378,11 @@ def run_part(part: str, args: GpuCheckArguments, output_dir: Path) -> list[dict]
         stdout, stderr, ended = result.stdout, result.stderr, f"exit {result.returncode}"
     except subprocess.TimeoutExpired as expired:
         stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else expired.stdout or ""
-        stderr, ended = "", f"stopped at its {limit:.0f} s limit"
+        stderr = expired.stderr.decode() if isinstance(expired.stderr, bytes) else expired.stderr or ""
+        ended = f"stopped at its {limit:.0f} s limit"
     rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    with open(output_dir / "workers.log", "a") as log:  # the workers' own output: compiler errors, tracebacks
+        log.write(f"===== {part}: {ended}\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n")
     if ended != "exit 0":
         rows.append(row(part, "(part)", round(time.perf_counter() - started, 1), "s", "incomplete",
                         f"{ended}; {stderr.strip().splitlines()[-1] if stderr.strip() else ''}"[:300]))  # fmt: skip
@@ -376,6 +418,7 @@ def main() -> None:
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu_check.py: no CUDA device here; --dry_run checks the plumbing on CPU")
     env = environment()
+    (output_dir / "workers.log").unlink(missing_ok=True)
     rows = []
     for part in args.parts:
         rows += run_part(part, args, output_dir)

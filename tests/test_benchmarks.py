@@ -119,18 +119,32 @@ def test_communication_and_recurrence_benchmarks_run(tmp_path):
     assert len(rows(tmp_path / "recurrence.csv")) == 4 + 4
 
 
+def test_population_benchmark_compares_batched_sequential_and_plain_generation(tmp_path):
+    start = tmp_path / "start"
+    run_script("train.py", "--output_dir", str(start), *FAST_TRAINING, "--max_steps", "2", "--eval_steps", "0",
+               "--save_steps", "0", "--log_with", "none")  # fmt: skip
+    run_script("benchmark_population.py", "--model", str(start), "--members", "4", "--ranks", "1", "--prompts", "2",
+               "--max_new_tokens", "3", "--min_seconds", "0", "--output_dir", str(tmp_path))  # fmt: skip
+    table = rows(tmp_path / "population.csv")
+    assert [(r["mode"], r["rank"]) for r in table] == [("generate", ""), ("batched", "1"), ("sequential", "1"),
+                                                      ("sequential", "0")]  # fmt: skip
+    assert all(float(r["completions_per_s"]) > 0 and int(r["rows"]) == 8 for r in table)
+    assert float(table[1]["speedup_vs_sequential"]) > 0 and (tmp_path / "population.png").stat().st_size > 0
+
+
 def test_rewards_benchmark_runs_every_method_and_the_memory_probe(tmp_path):
     start = tmp_path / "start"
     run_script("train.py", "--output_dir", str(start), *FAST_TRAINING, "--max_steps", "2", "--eval_steps", "0",
                "--save_steps", "0", "--log_with", "none")  # fmt: skip
     run_script("benchmark_rewards.py", "--start", str(start), "--seconds", "1", "--seeds", "0", "--grpo_lrs", "1e-4",
                "--eval_prompts", "2", "--group", "2", "--prompts_per_step", "2", "--max_new_tokens", "4", "--memory",
-               "--memory_lengths", "4", "--output_dir", str(tmp_path))  # fmt: skip
+               "--memory_lengths", "4", "--es_populations", "4x1", "4xfull", "--output_dir", str(tmp_path))  # fmt: skip
     table = rows(tmp_path / "rewards_kjv.csv")
-    assert [r["method"] for r in table] == ["start", "es", "grpo lr=0.0001", "one_step_pg"]
+    assert [r["method"] for r in table] == ["start", "es 4x1", "es 4xfull", "grpo lr=0.0001", "one_step_pg"]
     assert all(r["error"] == "" for r in table if "error" in r) and all(int(r["steps"]) >= 0 for r in table)
+    assert all(int(r["rollouts"]) == int(r["steps"]) * (4 * 2 if "es" in r["method"] else 2 * 2) for r in table[1:])
     assert [r["mode"] for r in rows(tmp_path / "rewards_memory.csv")] == ["generate", "es_step"]
-    assert (tmp_path / "rewards_kjv.png").stat().st_size > 0 and "## es seed 0" in (
+    assert (tmp_path / "rewards_kjv.png").stat().st_size > 0 and "## es 4x1 seed 0" in (
         tmp_path / "rewards_kjv_samples.md"
     ).read_text()
     task = tmp_path / "add"
@@ -141,5 +155,5 @@ def test_rewards_benchmark_runs_every_method_and_the_memory_probe(tmp_path):
                "--methods", "es_pass4", "ce", "--seconds", "1", "--seeds", "0", "--eval_prompts", "2",
                "--prompts_per_step", "2", "--output_dir", str(tmp_path))  # fmt: skip
     table = rows(tmp_path / "rewards_add.csv")
-    assert [r["method"] for r in table] == ["start", "es_pass4", "ce"] and all(not r.get("error") for r in table)
+    assert [r["method"] for r in table] == ["start", "es_pass4 64x1", "ce"] and all(not r.get("error") for r in table)
     assert all(0 <= float(r["exact_match"]) <= 1 and "pass@4" in r for r in table)

@@ -7,9 +7,9 @@ import torch
 from conftest import small_config
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, pipeline
 
-from hf_zoo_rnn import ZooRnnConfig, ZooRnnForCausalLM, ZooRnnModel
+from hf_zoo_rnn import ZooRnnConfig, ZooRnnForCausalLM, ZooRnnModel, modeling_zoo_rnn
 from hf_zoo_rnn.forwards.population import stacked_loss
-from hf_zoo_rnn.modeling_zoo_rnn import TORCH_CELLS, cpu_path, run_recurrence
+from hf_zoo_rnn.modeling_zoo_rnn import TORCH_CELLS, ZooRnnLayer, cpu_path, run_recurrence
 
 pytestmark = pytest.mark.transformers  # depends on the transformers release: CI runs it on the whole range
 
@@ -327,3 +327,31 @@ def test_stacked_loss_equals_each_models_own_forward(cell, variant):
     assert stacked.shape == (copies,) and len(set(names)) == len(stacks)
     assert (stacked - torch.stack(expected)).abs().max() <= 1e-10
     assert (stacked[1:] - stacked[:-1]).abs().min() > 1e-4  # the copies really differ
+
+
+def test_auto_backend_falls_back_to_cuda_when_the_fused_kernel_cannot_be_built(monkeypatch):
+    """flashrnn 1.0.8 cannot build its fused kernel's gpu_info extension under CUDA 13 (RuntimeError): "auto" runs
+    FlashRNN's `cuda` backend instead, and no later layer of the process retries the build; an explicit cuda_fused
+    and any other error still raise."""
+    monkeypatch.setattr(modeling_zoo_rnn, "resolve_backend", lambda requested, cell, device: "cuda_fused")
+    monkeypatch.setattr(modeling_zoo_rnn, "FUSED_BUILD_ERROR", None)
+    calls = []
+
+    def run(cell, backend, *inputs):
+        calls.append(backend)
+        if backend == "cuda_fused":
+            raise RuntimeError("Error building extension 'gpu_info2'")
+        return backend
+
+    layers = [ZooRnnLayer(small_config(backend="auto"), 16) for _ in range(2)]
+    assert layers[0].recur(run, torch.zeros(1)) == "cuda" and layers[1].recur(run, torch.zeros(1)) == "cuda"
+    assert calls == ["cuda_fused", "cuda", "cuda"]  # the second layer never retried the build
+    with pytest.raises(RuntimeError, match="Error building extension"):
+        ZooRnnLayer(small_config(backend="cuda_fused"), 16).recur(run, torch.zeros(1))
+    monkeypatch.setattr(modeling_zoo_rnn, "FUSED_BUILD_ERROR", None)
+
+    def broken(cell, backend, *inputs):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    with pytest.raises(RuntimeError, match="illegal memory"):
+        ZooRnnLayer(small_config(backend="auto"), 16).recur(broken, torch.zeros(1))

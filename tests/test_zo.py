@@ -702,3 +702,45 @@ def test_loss_shaping_ranks_and_standardises_the_population_and_keeps_nan_out():
     torch.testing.assert_close(shaped_losses(losses * 1000, "centered_ranks"), ranks, rtol=0, atol=0, equal_nan=True)
     with pytest.raises(ValueError, match="needs difference='central'"):
         ZOConfig(loss_shaping="zscore", difference="forward")
+
+
+def test_per_prompt_shaping_weighs_every_prompt_alike_and_ignores_prompts_without_spread():
+    from hf_zoo_rnn.zo.estimator import prompt_means, shaped_losses
+
+    losses = torch.tensor([[[0.0, 5.0, 1.0], [1.0, 5.0, 100.0]], [[0.0, 5.0, 2.0], [1.0, 5.0, math.nan]]])  # [2, 2, 3]
+    means = prompt_means(losses)
+    torch.testing.assert_close(means[1, 1], torch.tensor(3.0))  # NaN prompts are left out of a member's mean
+    shaped = shaped_losses(losses, "per_prompt")
+    # prompt 0 splits the members by sign, prompt 1 (no spread) adds nothing, prompt 2's outlier is z-scored
+    zero = (losses[:, :, 0] - losses[:, :, 0].mean()) / losses[:, :, 0].std()
+    finite = losses[:, :, 2][torch.isfinite(losses[:, :, 2])]
+    two = (losses[:, :, 2] - finite.mean()) / finite.std()
+    expected = torch.stack([zero, torch.zeros(2, 2), two], dim=-1)
+    torch.testing.assert_close(shaped, prompt_means(expected))
+    torch.testing.assert_close(shaped_losses(losses, "zscore"), shaped_losses(means, "zscore"))
+    with pytest.raises(ValueError, match="one loss per prompt"):
+        shaped_losses(means, "per_prompt")
+
+
+def test_ask_and_tell_are_the_step_and_the_anchor_is_part_of_the_update():
+    ids = torch.randint(0, 12, (4, 10))
+    stepped, told = tiny_lm(), tiny_lm()
+    told.load_state_dict(stepped.state_dict())
+    anchor = [p.detach().clone() + 0.5 for p in stepped.parameters()]
+    optimizers = [ZOOptimizer(m, ZOConfig(num_probes=4, lr=0.05, loss_shaping="zscore")) for m in (stepped, told)]
+    for zo, model in zip(optimizers, (stepped, told), strict=True):
+        zo.set_anchor([a.clone() for a in anchor], decay=0.2)
+    stats = optimizers[0].step(lm_loss(stepped, ids))
+    population = optimizers[1].ask()
+    assert [m[:2] for m in population.members()] == [(p, c) for p in range(4) for c in (0, 1)]
+    losses = torch.empty(4, 2, dtype=torch.float64)
+    optimizers[1].perturber.snapshot()
+    for probe, column, scale in population.members():
+        optimizers[1].perturber.perturb(probe, scale)
+        losses[probe, column] = lm_loss(told, ids)().double()
+    optimizers[1].perturber.restore()
+    told_stats = optimizers[1].tell(population, losses)
+    assert all(torch.equal(a, b) for a, b in zip(stepped.parameters(), told.parameters(), strict=True))
+    assert stats.update_norm == told_stats.update_norm > 0
+    with pytest.raises(ValueError, match="population of step 0"):
+        optimizers[1].tell(population, losses)

@@ -73,11 +73,13 @@ def build_step(model, model_args, data_args, train_args, zo_config, accelerator,
             start = AutoModelForCausalLM.from_pretrained(model_args.init_from).to(accelerator.device)
             start.eval().requires_grad_(False)
         objective = reward_objective(train_args, start, tokenizer)
-        anchor = []
+        zo = zero_order.zo
         if train_args.anchor_decay:
-            anchor = [dict(start.named_parameters())[name] for name in zo_names]
-        step = EvolutionStrategiesStep(zero_order, objective, train_args.seed, anchor, train_args.anchor_decay)
+            zo.set_anchor([dict(start.named_parameters())[name] for name in zo_names], train_args.anchor_decay)
+        step = EvolutionStrategiesStep(accelerator.unwrap_model(model), zo, objective, accelerator, train_args.seed)
         return BuiltStep(step, model, roles, objective)
+    if zo_config.loss_shaping == "per_prompt":
+        raise ConfigFileError("zo_loss_shaping=per_prompt shapes rewards per prompt: it needs objective=reward")
     if train_args.local_gradient == "none":
         return BuiltStep(zero_order, model, roles)
     reduce = partial(accelerator.reduce, reduction="mean") if batch_copies > 1 else None

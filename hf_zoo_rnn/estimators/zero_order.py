@@ -3,14 +3,17 @@
 Every process holds the full model, evaluates its share of the probes (or ES members) on the same batch, all-gathers
 only the loss scalars, and applies the identical update: no parameter crosses the wire."""
 
+import time
 from functools import partial
 
 import torch
 
 from ..data.prompts import PromptBatch
 from ..forwards.population import members_bytes_per_member, members_loss, stacked_bytes_per_model, stacked_loss
+from ..modeling_zoo_rnn import ZooRnnForCausalLM
 from ..rewards import RewardObjective, member_seed
 from ..zo import PopulationLoss, ZOOptimizer
+from ..zo.optimizer import Population, ZOStepStats
 from .step import StepReport, check_state_kind
 
 
@@ -74,6 +77,12 @@ class ZeroOrderStep:
             clean_loss=clean_loss,
             surrogates=surrogates,
         )
+        # per step each process sends its k = K / world_size pairs of float64 losses and receives all 2K
+        return self.report(stats, sent=0 if world_size == 1 else 2 * 8 * self.probes)
+
+    @staticmethod
+    def report(stats: ZOStepStats, sent: int) -> StepReport:
+        """The step's report from the optimiser's statistics."""
         metrics = {
             "train_loss": stats.loss,
             "lr": stats.lr,
@@ -87,8 +96,6 @@ class ZeroOrderStep:
             "seconds_forward": stats.seconds_forward,
             "seconds_update": stats.seconds_update,
         }
-        # per step each process sends its k = K / world_size pairs of float64 losses and receives all 2K
-        sent = 0 if world_size == 1 else 2 * 8 * self.probes
         return StepReport(metrics, forward_passes=stats.forward_passes, comm_bytes=sent)
 
     def state_dict(self) -> dict:
@@ -100,46 +107,70 @@ class ZeroOrderStep:
 
 
 class EvolutionStrategiesStep:
-    """Evolution strategies on a reward: each antithetic member theta +- eps z generates completions for the batch's
-    prompts, its loss is minus their mean reward, the population's losses are shaped (loss_shaping) and the update
-    is the ZO optimiser's; only the members' rewards cross processes. `anchor` (the starting weights) with
-    `anchor_decay` then pulls the weights toward the start (arXiv 2605.30148: it stops drift in directions the
-    reward does not constrain)."""
+    """Evolution strategies on a reward, as ask, score, tell: the optimiser hands out the step's population (this
+    process's antithetic members theta +- eps z), every member generates completions for the batch's prompts and
+    they are scored, and the optimiser is told every member's reward per prompt (only these numbers cross
+    processes), shaped (loss_shaping) into the update. Low-rank members of a ZooRnn model generate as one batch
+    (`RewardObjective.population_completions`); full-rank members (the paper's directions), or any other causal LM,
+    one at a time through the model's own `generate`, theta perturbed in place and restored exactly. Either way
+    each member samples from its own seed and every reward function is called once per step. A decay toward the
+    starting weights (`ZOOptimizer.set_anchor`, arXiv 2605.30148: it stops drift in directions the reward does not
+    constrain) is part of the update."""
 
     train_label = "train (minus the mean reward of the members)"
 
-    def __init__(self, zero_order: ZeroOrderStep, objective: RewardObjective, run_seed: int,
-                 anchor: list[torch.Tensor], anchor_decay: float):  # fmt: skip
-        self.zero_order, self.objective, self.run_seed = zero_order, objective, run_seed
-        self.anchor, self.anchor_decay = anchor, anchor_decay
-        self.probes = zero_order.probes
+    def __init__(self, model, zo: ZOOptimizer, objective: RewardObjective, accelerator, run_seed: int):
+        self.model, self.zo, self.objective, self.accelerator = model, zo, objective, accelerator
+        self.run_seed = run_seed
+        self.probes = zo.config.num_probes
+        self.batched = zo.config.perturbation == "lowrank" and isinstance(model, ZooRnnForCausalLM)
 
     def step(self, batch: PromptBatch) -> StepReport:
-        zo = self.zero_order.zo
-        model = self.zero_order.accelerator.unwrap_model(self.zero_order.model)
-
-        def loss_fn():
-            probe, column = zo.member  # a member's sampling seed: the same whichever process generates it
-            seed = member_seed(self.run_seed, zo.step_count, probe, column)
-            return self.objective.loss(model, batch.prompts, batch.columns, seed)
-
+        accelerator = self.accelerator
+        population = self.zo.ask(accelerator.process_index, accelerator.num_processes)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            completions = self.completions(population, batch.prompts)
         nonfinite = self.objective.nonfinite
-        report = self.zero_order.update(loss_fn)
-        lr = report.metrics["lr"]
-        if self.anchor and lr:
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, start in zip(zo.names, self.anchor, strict=True):
-                    params[name].sub_(lr * self.anchor_decay * (params[name] - start))
-        members = 2 * self.probes
+        rewards = self.objective.member_rewards(batch.prompts, completions, batch.columns)  # [members, P]
+        seconds = time.perf_counter() - started
+        local = -rewards.view(len(population.probes), len(population.scales), -1)  # losses [k, 2, P]
+        losses = accelerator.gather(local) if accelerator.num_processes > 1 else local
+        stats = self.zo.tell(population, losses, rank=accelerator.process_index, seconds_forward=seconds)
+        report = ZeroOrderStep.report(stats, sent=local.numel() * 8 if accelerator.num_processes > 1 else 0)
         objective = self.objective
-        report.tokens = members * len(batch.prompts) * objective.samples * objective.max_new_tokens
-        report.metrics.update(mean_reward=-report.metrics["train_loss"], generated_tokens=report.tokens,
-                              nonfinite_rewards=objective.nonfinite - nonfinite)  # fmt: skip
+        report.tokens = 2 * self.probes * len(batch.prompts) * objective.samples * objective.max_new_tokens
+        finite = losses[torch.isfinite(losses)]
+        report.metrics.update(
+            mean_reward=-report.metrics["train_loss"], reward_std=finite.std().item() if finite.numel() > 1 else 0.0,
+            generated_tokens=report.tokens, nonfinite_rewards=objective.nonfinite - nonfinite,
+        )  # fmt: skip
         return report
 
+    def completions(self, population: Population, prompts: list[str]) -> list[list[str]]:
+        """Every member's completions of `prompts`, in the population's member order."""
+        seeds = [
+            member_seed(self.run_seed, population.step, probe, column) for probe, column, _ in population.members()
+        ]
+        if self.batched:
+            changes = self.zo.perturber.members(population.probes, population.scales)
+            return self.objective.population_completions(
+                self.model, dict(zip(self.zo.names, changes, strict=True)), prompts, seeds
+            )
+        perturber, texts = self.zo.perturber, []
+        perturber.snapshot()
+        try:
+            for (probe, _, scale), seed in zip(population.members(), seeds, strict=True):
+                perturber.perturb(probe, scale)
+                texts.append(self.objective.completions(self.model, prompts, seed))
+        finally:
+            perturber.restore()
+            perturber.release()
+        return texts
+
     def state_dict(self) -> dict:
-        return self.zero_order.state_dict()
+        return self.zo.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.zero_order.load_state_dict(state)
+        check_state_kind(state, local=False, probes=True)
+        self.zo.load_state_dict(state)

@@ -14,7 +14,17 @@ hf_zoo_rnn.estimators.zero_order.population_loss wraps either view in the `Popul
 import torch
 import torch.nn.functional as F
 
-from ..modeling_zoo_rnn import CELL_SHAPES, ZooRnnForCausalLM, ZooRnnLayer, block_diagonal, cpu_path, run_projected
+from ..modeling_zoo_rnn import (
+    CELL_SHAPES,
+    ZooRnnForCausalLM,
+    ZooRnnLayer,
+    block_diagonal,
+    cpu_path,
+    gru_cell,
+    lstm_cell,
+    read_spans,
+    run_projected,
+)
 from .next_token import per_model_loss_sums
 
 
@@ -47,12 +57,22 @@ def member_linear_change(x, change):
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def member_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of each member's table [M, V, ...]: at the shared ids [B, t], or at each member's own ids [M, B, t]
+    -> [M, B, t, ...]."""
+    if ids.dim() == 2:
+        return table[:, ids]
+    return table[torch.arange(table.shape[0], device=ids.device).view(-1, 1, 1), ids]
+
+
 def member_lookup(change, ids: torch.Tensor) -> torch.Tensor:
-    """Each member's change of the embedding rows `ids` [B, t] -> [M, B, t, E]: A[ids] B^T, or the dense rows."""
+    """Each member's change of the embedding rows `ids` ([B, t] shared, or [M, B, t]) -> [M, B, t, E]: A[ids] B^T,
+    or the dense rows."""
     if change[0] == "dense":
-        return change[1][:, ids]
+        return member_rows(change[1], ids)
     _, a, b = change
-    return torch.matmul(a[:, ids].flatten(1, 2), b.transpose(1, 2)).view(a.shape[0], *ids.shape, b.shape[1])
+    rows = member_rows(a, ids)  # [M, B, t, r]
+    return torch.matmul(rows.flatten(1, 2), b.transpose(1, 2)).view(*rows.shape[:-1], b.shape[1])
 
 
 def member_values(base: torch.Tensor, change) -> torch.Tensor:
@@ -64,9 +84,10 @@ def member_recurrence(cell: str, xb, R, b_hn, state, change):
     """The recurrence of M members folded into the batch: xb [M, B, T, G, N, D] projected inputs with their
     biases, R [G, N, D, D] shared, b_hn [M, N, D] (GRU: the bias inside the reset product; None for LSTM),
     state [S, M, B, N, D]; `change` is the members' low-rank change of R,
-    ("lowrank", A [M, G, N, D, r], B [M, G, N, D, r]) or None. Per step one matmul of the shared R (every gate,
-    every member's rows; R dense where `cpu_path` makes the single-model forward dense too), plus (h B) A^T per
-    member and head. Returns (h of every step [M, B, T, N, D], state)."""
+    ("lowrank", A [M, G, N, D, r], B [M, G, N, D, r]) or None. The cell is the model's (`lstm_cell`, `gru_cell`);
+    its recurrent hook is one matmul of the shared R per step (every gate, every member's rows; R dense where
+    `cpu_path` makes the single-model forward dense too), plus (h B) A^T per member and head.
+    Returns (h of every step [M, B, T, N, D], state)."""
     gates, heads, dim = R.shape[:3]
     members, batch = state.shape[1:3]
     dense = cpu_path(heads, heads * dim) == "dense"
@@ -78,7 +99,7 @@ def member_recurrence(cell: str, xb, R, b_hn, state, change):
         b_all = change[2].permute(0, 2, 3, 1, 4).reshape(members, heads, dim, gates * rank)  # [M, N, D_in, G r]
         a_all = change[1].permute(0, 2, 1, 4, 3)  # [M, N, G, r, D_out]
 
-    def recurrent(h):  # h [M, B, N, D] -> every gate's R h, per member: [M, B, G, N, D]
+    def recurrent(h):  # h [M, B, N, D] -> gate g's R h per member: [M, B, N, D]
         if dense:
             out = torch.matmul(h.reshape(members * batch, -1), r_all).view(members, batch, gates, heads, dim)
         else:
@@ -87,7 +108,7 @@ def member_recurrence(cell: str, xb, R, b_hn, state, change):
         if change is not None:
             projected = torch.einsum("mbnd,mndk->mbnk", h, b_all).view(members, batch, heads, gates, rank)
             out = out + torch.einsum("mbngr,mngro->mbgno", projected, a_all)
-        return out
+        return lambda g: out[:, :, g]
 
     if cell == "lstm":
         h, c = state[0], state[1]
@@ -96,16 +117,11 @@ def member_recurrence(cell: str, xb, R, b_hn, state, change):
         h = state[0]
     outputs = []
     for x in xb.unbind(2):  # [M, B, G, N, D] per step
-        pre = recurrent(h)
-        if cell == "lstm":  # gates (i, f, z, o)
-            pre = pre.add_(x)
-            i, f, o = torch.sigmoid(pre[:, :, 0]), torch.sigmoid(pre[:, :, 1]), torch.sigmoid(pre[:, :, 3])
-            c = torch.addcmul(f * c, i, torch.tanh(pre[:, :, 2]))
-            h = o * torch.tanh(c)
-        else:  # R gates (n, r, z), input gates (r, z, n)
-            reset = torch.sigmoid(pre[:, :, 1] + x[:, :, 0])
-            update = torch.sigmoid(pre[:, :, 2] + x[:, :, 1])
-            h = torch.lerp(torch.tanh((pre[:, :, 0] + b_hn) * reset + x[:, :, 2]), h, update)
+        x = x.movedim(2, 0)  # [G, M, B, N, D], a view: the cell indexes gates first
+        if cell == "lstm":
+            h, c = lstm_cell(recurrent, x, h, c)
+        else:
+            h = gru_cell(recurrent, x, b_hn, h)
         outputs.append(h)
     return torch.stack(outputs, dim=2), (torch.stack((h, c)) if cell == "lstm" else h[None])
 
@@ -146,8 +162,8 @@ def members_layer(layer: ZooRnnLayer, x: torch.Tensor, changes: dict, state: tor
 
     The projected inputs are one shared product plus, per member, one small matmul that adds every per-member
     term at once: [low-rank inputs | 1] @ [their output factors ; the member's bias]. `shared_input`, for a
-    first layer without a pre-norm, is (x's shared part through W [B, T, out], lhs [M, B, T, k], rhs
-    [M, k, out]): the members' embedding changes through W, computed by the caller (members_loss)."""
+    first layer without a pre-norm, is (x's shared part through W, [B, T, out] or per member [M, B, T, out], lhs
+    [M, B, T, k], rhs [M, k, out]): the members' embedding changes through W, computed by the caller."""
     members, batch, steps, _ = x.shape
     normed = x
     if layer.norm is not None:
@@ -160,7 +176,7 @@ def members_layer(layer: ZooRnnLayer, x: torch.Tensor, changes: dict, state: tor
         base = F.linear(rows, layer.input_proj.weight)
     else:
         base, first_lhs, first_rhs = shared_input
-        base = base.reshape(1, batch * steps, -1)
+        base = base.reshape(-1, batch * steps, base.shape[-1])  # [1 or M, B T, out]
         lhs.append(first_lhs.reshape(members, batch * steps, -1))
         rhs.append(first_rhs)
     change = changes.get("input_proj.weight")
@@ -229,6 +245,74 @@ def stacked_bytes_per_model(model: ZooRnnForCausalLM, batch_size: int, steps: in
     return weights + batch_size * min(steps, config.chunk_size) * per_token * 4
 
 
+class MemberForward:
+    """M perturbed copies of a model sharing its weights, each reading them plus its own change (`changes` as
+    `members_loss` takes them), run over the same rows: the shared products are computed once for every member's
+    rows, and each member adds its low-rank correction. The one forward of both population views, the loss
+    (`members_loss`) and generation (`members_generate`)."""
+
+    def __init__(self, model: ZooRnnForCausalLM, changes: dict):
+        self.model, self.changes = model, changes
+        config = model.config
+        self.members = next(iter(changes.values()))[1].shape[0]
+        self.embedding_change = changes.get("model.embeddings.weight")
+        self.head_change = self.embedding_change if config.tie_word_embeddings else changes.get("lm_head.weight")
+        self.layer_changes = by_layer(changes, config.num_hidden_layers)
+        # Without a pre-norm the first layer's input projection is linear in the shared embedding: W e once for all
+        # members, and W A[ids] B^T = A[ids] (W B)^T per member, r numbers per token; (W B)^T is computed once
+        first = model.model.layers[0]
+        change = self.embedding_change
+        self.shares_projection = first.norm is None and (change is None or change[0] == "lowrank")
+        if self.shares_projection:
+            projection = first.input_proj.weight
+            if change is None:
+                self.first_rhs = projection.new_zeros(self.members, 0, projection.shape[0])
+            else:
+                self.first_rhs = torch.matmul(projection, change[2]).transpose(1, 2)  # [M, r, out]
+
+    def initial_states(self, batch: int) -> list[torch.Tensor]:
+        config = self.model.config
+        shape = (CELL_SHAPES[config.cell][3], self.members, batch, config.num_heads, config.head_dim)
+        return [self.model.model.embeddings.weight.new_zeros(shape) for _ in self.layer_changes]
+
+    def hidden(self, ids: torch.Tensor, states: list[torch.Tensor], skipped: torch.Tensor | None = None):
+        """The last layer's output (after the final norm) [M, B, t, H] over ids [B, t] from `states`, which advance
+        in place; rows in `skipped` [B] read nothing (padding) and keep their state."""
+        model, members = self.model, self.members
+        embedded = model.model.embeddings(ids)  # [B, t, E] shared, or [M, B, t, E]: each member's own tokens
+        hidden = embedded.expand(members, -1, -1, -1) if ids.dim() == 2 else embedded
+        if self.embedding_change is not None:
+            hidden = hidden + member_lookup(self.embedding_change, ids)
+        shared_input = None
+        if self.shares_projection:
+            if self.embedding_change is None:
+                first_lhs = embedded.new_zeros(members, *ids.shape[-2:], 0)
+            else:
+                first_lhs = member_rows(self.embedding_change[1], ids)  # [M, B, t, r]
+            shared_input = (F.linear(embedded, model.model.layers[0].input_proj.weight), first_lhs, self.first_rhs)
+        for i, layer in enumerate(model.model.layers):
+            hidden, state = members_layer(
+                layer, hidden, self.layer_changes[i], states[i], shared_input if i == 0 else None
+            )
+            states[i] = state if skipped is None else torch.where(skipped.view(1, 1, -1, 1, 1), states[i], state)
+        if model.model.norm_f is not None:
+            norm = model.model.norm_f
+            scale = member_values(norm.weight, self.changes.get("model.norm_f.weight")).expand(members, -1)
+            shift = member_values(norm.bias, self.changes.get("model.norm_f.bias")).expand(members, -1)
+            hidden = stacked_layer_norm(hidden, scale, shift, norm.eps)
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[M, B, t, V] from the members' hidden states."""
+        head = self.model.lm_head
+        logits = F.linear(hidden, head.weight)
+        if self.head_change is not None:
+            logits = logits + member_linear_change(hidden, self.head_change)
+        if head.bias is not None:
+            logits = logits + member_values(head.bias, self.changes.get("lm_head.bias"))[:, None, None]
+        return logits
+
+
 def members_loss(
     model: ZooRnnForCausalLM, changes: dict, input_ids: torch.LongTensor, labels: torch.LongTensor
 ) -> torch.Tensor:
@@ -239,60 +323,70 @@ def members_loss(
     per block — or ("dense", [M, *shape]); absent parameters are unchanged. The change of an embedding row is
     A[row] B^T, a lookup. Returns [M] losses; member m's equals `forward(input_ids, labels=labels).loss` with
     its parameters, up to floating-point summation order (tested)."""
-    config = model.config
-    members = next(iter(changes.values()))[1].shape[0]
-    embedding_change = changes.get("model.embeddings.weight")
-    head_change = embedding_change if config.tie_word_embeddings else changes.get("lm_head.weight")
-    layer_changes = by_layer(changes, config.num_hidden_layers)
-    batch = input_ids.shape[0]
-    state_shape = (CELL_SHAPES[config.cell][3], members, batch, config.num_heads, config.head_dim)
-    embedding_weight = model.model.embeddings.weight
-    states = [embedding_weight.new_zeros(state_shape) for _ in layer_changes]
-    loss_dtype = torch.promote_types(embedding_weight.dtype, torch.float32)
-    loss_sum = embedding_weight.new_zeros(members, dtype=loss_dtype)
+    view = MemberForward(model, changes)
+    states = view.initial_states(input_ids.shape[0])
+    loss_dtype = torch.promote_types(model.model.embeddings.weight.dtype, torch.float32)
+    loss_sum = states[0].new_zeros(view.members, dtype=loss_dtype)
     scored, steps = 0, input_ids.shape[1]
-    # Without a pre-norm the first layer's input projection is linear in the shared embedding: W e once for all
-    # members, and W A[ids] B^T = A[ids] (W B)^T per member, r numbers per token; (W B)^T is the same every chunk
-    first = model.model.layers[0]
-    shares_projection = first.norm is None and (embedding_change is None or embedding_change[0] == "lowrank")
-    if shares_projection:
-        projection = first.input_proj.weight
-        if embedding_change is None:
-            first_rhs = projection.new_zeros(members, 0, projection.shape[0])
-        else:
-            first_rhs = torch.matmul(projection, embedding_change[2]).transpose(1, 2)  # [M, r, out]
-    for start in range(0, steps, config.chunk_size):
-        end = min(start + config.chunk_size, steps)
-        ids = input_ids[:, start:end]
-        embedded = model.model.embeddings(ids)  # [B, t, E], shared
-        hidden = embedded.expand(members, -1, -1, -1)  # [M, B, t, E]
-        if embedding_change is not None:
-            hidden = hidden + member_lookup(embedding_change, ids)
-        shared_input = None
-        if shares_projection:
-            if embedding_change is None:
-                first_lhs = embedded.new_zeros(members, *ids.shape, 0)
-            else:
-                first_lhs = embedding_change[1][:, ids]  # [M, B, t, r]
-            shared_input = (F.linear(embedded, projection), first_lhs, first_rhs)
-        for i, layer in enumerate(model.model.layers):
-            hidden, states[i] = members_layer(
-                layer, hidden, layer_changes[i], states[i], shared_input if i == 0 else None
-            )
-        if model.model.norm_f is not None:
-            norm = model.model.norm_f
-            scale = member_values(norm.weight, changes.get("model.norm_f.weight")).expand(members, -1)
-            shift = member_values(norm.bias, changes.get("model.norm_f.bias")).expand(members, -1)
-            hidden = stacked_layer_norm(hidden, scale, shift, norm.eps)
-        logits = F.linear(hidden, model.lm_head.weight)  # [M, B, t, V]
-        if head_change is not None:
-            logits = logits + member_linear_change(hidden, head_change)
-        if model.lm_head.bias is not None:
-            logits = logits + member_values(model.lm_head.bias, changes.get("lm_head.bias"))[:, None, None]
+    for start in range(0, steps, model.config.chunk_size):
+        end = min(start + model.config.chunk_size, steps)
+        logits = view.logits(view.hidden(input_ids[:, start:end], states))  # [M, B, t, V]
         chunk_sums, chunk_scored = per_model_loss_sums(logits, labels, start, end)
         loss_sum += chunk_sums
         scored += chunk_scored
     return loss_sum / scored
+
+
+@torch.inference_mode()
+def members_generate(
+    model: ZooRnnForCausalLM,
+    changes: dict,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    *,
+    pad_token_id: int,
+    eos_token_id: int | list[int] | None = None,
+    temperature: float | None = None,
+    generators: list[torch.Generator] | None = None,
+) -> torch.LongTensor:
+    """Every member's continuation of the same left-padded rows input_ids [B, T] in one batched forward per token:
+    [M, B, max_new_tokens]. Greedy, or with `temperature` sampled from softmax(logits / temperature) with member m's
+    draws from `generators[m]`. As transformers' `generate` decodes (logits in float32, one multinomial draw per
+    row, a row that produced an end token continues with `pad_token_id`), so member m's tokens are those of
+    `model.generate` with its parameters and the global generator seeded as `generators[m]` (tested)."""
+    view = MemberForward(model, changes)
+    members, batch = view.members, input_ids.shape[0]
+    states = view.initial_states(batch)
+    mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+    hidden = None
+    for low, high, skipped in read_spans(mask, 0, input_ids.shape[1]):  # the prompts, padding skipped
+        hidden = view.hidden(input_ids[:, low:high], states, skipped)[:, :, -1:]
+    stops = torch.tensor(
+        [] if eos_token_id is None else eos_token_id if isinstance(eos_token_id, list) else [eos_token_id],
+        dtype=torch.long,
+        device=input_ids.device,
+    )
+    finished = torch.zeros(members, batch, dtype=torch.bool, device=input_ids.device)
+    tokens = []
+    for position in range(max_new_tokens):
+        logits = view.logits(hidden)[:, :, -1].float()  # [M, B, V]
+        if temperature is None:
+            chosen = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            chosen = torch.stack(
+                [torch.multinomial(p, 1, generator=g)[:, 0] for p, g in zip(probs, generators, strict=True)]
+            )
+        chosen = chosen.masked_fill(finished, pad_token_id)
+        tokens.append(chosen)
+        finished |= torch.isin(chosen, stops)
+        if position + 1 == max_new_tokens or bool(finished.all()):
+            break
+        hidden = view.hidden(chosen[:, :, None], states)  # each member reads its own token
+    out = torch.full((members, batch, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
+    out[:, :, : len(tokens)] = torch.stack(tokens, dim=2)
+    return out
 
 
 def members_bytes_per_member(model: ZooRnnForCausalLM, batch_size: int, steps: int) -> int:

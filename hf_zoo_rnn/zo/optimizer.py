@@ -34,6 +34,7 @@ from .estimator import (
     finite_probes,
     probe_coefficients,
     projected_gradients,
+    prompt_means,
     reported_loss,
     shaped_losses,
 )
@@ -69,7 +70,10 @@ class ZOConfig:
     clip_projected_gradient: float | None = field(default=None, metadata={"help": "clamp each g_i to +-value"})
     loss_shaping: str = field(
         default="none",
-        metadata={"help": "ES fitness shaping of the population's losses: none, zscore or centered_ranks"},
+        metadata={
+            "help": "ES fitness shaping of the population's losses: none, zscore, centered_ranks, or per_prompt "
+            "(rewards: z-scored per prompt across the members, then averaged)"
+        },
     )
     lr_schedule: str = field(default="constant", metadata={"help": "constant, constant_with_warmup, linear, cosine"})
     eps_schedule: str = field(default="constant", metadata={"help": "schedule of eps: constant, linear, cosine"})
@@ -203,12 +207,32 @@ class ZOStepStats:
     seconds_total: float  # the rest is snapshot, perturbation and restore (and the gather)
 
 
+@dataclass
+class Population:
+    """One step's perturbed models, as `ZOOptimizer.ask` hands them out: this process's probes, each at every scale
+    (central differences: +eps and -eps, an antithetic pair). Member order is probe-major, scale-minor."""
+
+    step: int
+    eps: float
+    lr: float
+    probes: range  # this process's share of the step's probes
+    scales: tuple[float, ...]
+    started: float = field(default_factory=time.perf_counter)
+
+    def members(self) -> list[tuple[int, int, float]]:
+        """(probe, scale column, scale) of every member this process evaluates."""
+        return [(probe, column, scale) for probe in self.probes for column, scale in enumerate(self.scales)]
+
+
 class ZOOptimizer:
     """Zero-order CD-RGE optimiser over the parameters of `model` (all of them, or those in `names`).
 
     `step(loss_fn)` calls `loss_fn()` (which must return the scalar loss of the current parameters) once per
     perturbed point, under `torch.inference_mode()`. With several processes pass `rank`, `world_size` and a
     `gather` that concatenates each process's [k, 2] loss tensor in rank order (accelerate's `gather`).
+
+    A caller that evaluates the members itself (evolution strategies on rewards) uses the two halves of `step`:
+    `ask()` hands out the step's `Population`, `tell(population, losses)` takes every member's losses and updates.
     """
 
     def __init__(self, model: nn.Module, config: ZOConfig, names: Sequence[str] | None = None):
@@ -242,7 +266,8 @@ class ZOOptimizer:
         self.lr_multiplier = schedule(config.lr_schedule, config.warmup_steps, config.total_steps)
         self.eps_multiplier = schedule(config.eps_schedule, 0, config.total_steps)
         self.step_count = 0
-        self.member = (0, 0)  # (probe, sign column) being evaluated
+        self.anchor: list[torch.Tensor] | None = None  # weights the update decays toward (set_anchor)
+        self.anchor_decay = 0.0
         self.buffers: dict[str, list[torch.Tensor]] = {}
         moments = {"sgd": (), "momentum": ("velocity",), "adam": ("exp_avg", "exp_avg_sq")}[config.update_rule]
         for name in moments:
@@ -264,6 +289,11 @@ class ZOOptimizer:
 
     # -- the step -------------------------------------------------------------------------------------------------
 
+    def set_anchor(self, weights: Sequence[torch.Tensor], decay: float) -> None:
+        """Make every update also pull the parameters toward `weights` (one per ZO tensor, e.g. the starting model)
+        by lr * decay * (theta - anchor): part of the step, in its norm, like decoupled weight decay toward them."""
+        self.anchor, self.anchor_decay = list(weights), decay
+
     def step(
         self,
         loss_fn: Callable[[], torch.Tensor],
@@ -274,39 +304,68 @@ class ZOOptimizer:
         clean_loss: float | None = None,
         surrogates: Sequence[Sequence[torch.Tensor]] = (),
     ) -> ZOStepStats:
-        """One step. `clean_loss`, when the caller already has L(theta) of this batch (e.g. from the forward of a
-        local gradient), saves forward differences their base forward. `surrogates` are guide directions (one
-        tensor per ZO parameter each), identical on every process, for guide="local" / "local+updates"."""
+        """One step: ask, evaluate this process's probes, gather, tell. `clean_loss`, when the caller already has
+        L(theta) of this batch (e.g. from the forward of a local gradient), saves forward differences their base
+        forward. `surrogates` are guide directions (one tensor per ZO parameter each), identical on every process,
+        for guide="local" / "local+updates"."""
         config = self.config
         if config.probes_per_forward != 1 and population_loss is None:
             raise ValueError(f"ZOConfig.probes_per_forward={config.probes_per_forward} needs a population_loss")
         if population_loss is not None and population_loss.members != (config.perturbation == "lowrank"):
             raise ValueError("low-rank probes are evaluated as members of one batch, full-rank ones as stacked models")
+        population = self.ask(rank, world_size, surrogates)
+        local, partial, forward_seconds, base_forwards = self.evaluate_probes(
+            loss_fn, population_loss, population, clean_loss
+        )
+        losses = gather(local) if gather is not None else local
+        return self.tell(population, losses, partial, rank, base_forwards * world_size, forward_seconds)
+
+    def ask(self, rank: int = 0, world_size: int = 1, surrogates: Sequence[Sequence[torch.Tensor]] = ()) -> Population:
+        """This step's population: its directions drawn, and this process's share of the probes."""
+        config = self.config
         if config.num_probes % world_size:
             raise ValueError(f"num_probes={config.num_probes} is not divisible by the {world_size} processes")
         if config.guided_by_local_gradient != bool(surrogates):
             raise ValueError(f"ZOConfig.guide={config.guide!r} and the surrogates passed to step() disagree")
-        per_rank = config.num_probes // world_size
-        eps, lr = self.current_eps(), self.current_lr()
         started = time.perf_counter()
         self.draw_directions(surrogates)
-        local, partial, forward_seconds, base_forwards = self.evaluate_probes(
-            loss_fn, population_loss, range(rank * per_rank, (rank + 1) * per_rank), eps, clean_loss
+        per_rank = config.num_probes // world_size
+        eps = self.current_eps()
+        scales = (eps, -eps) if config.difference == "central" else (eps,)
+        return Population(
+            self.step_count, eps, self.current_lr(), range(rank * per_rank, (rank + 1) * per_rank), scales, started
         )
-        losses = gather(local) if gather is not None else local
-        first, second = losses[:, 0], losses[:, 1]
-        scored = shaped_losses(losses, config.loss_shaping)  # the raw losses stay what is reported
+
+    def tell(
+        self,
+        population: Population,
+        losses: torch.Tensor,
+        partial: list[torch.Tensor] | None = None,
+        rank: int = 0,
+        base_forwards: int = 0,
+        seconds_forward: float = 0.0,
+    ) -> ZOStepStats:
+        """Update from every process's member losses, in probe order: [K, 2] (L+, L-; forward differences: L+,
+        L(theta)), or [K, 2, P] one loss per prompt (shaped per prompt when loss_shaping="per_prompt", else
+        averaged over the prompts first). `partial` is this process's buffered sum (update_mode="buffer")."""
+        config = self.config
+        if population.step != self.step_count:
+            raise ValueError(f"tell() got the population of step {population.step}; this is step {self.step_count}")
+        reported = prompt_means(losses) if losses.dim() == 3 else losses  # the raw losses stay what is reported
+        first, second = reported[:, 0], reported[:, 1]
+        scored = shaped_losses(losses, config.loss_shaping)
+        eps, lr = population.eps, population.lr
         coefficients, kept = probe_coefficients(
             scored[:, 0], scored[:, 1], eps, config.difference, config.clip_projected_gradient
         )
         update_norm, update_started = 0.0, time.perf_counter()
         if kept and (lr != 0 or config.weight_decay != 0):
-            update_norm = self.apply_update(coefficients, kept, lr, rank, per_rank, partial)
+            update_norm = self.apply_update(coefficients, kept, lr, rank, len(population.probes), partial)
         finished = time.perf_counter()
-        forward_passes = config.num_probes * (2 if config.difference == "central" else 1) + base_forwards * world_size
+        forward_passes = config.num_probes * (2 if config.difference == "central" else 1) + base_forwards
         stats = self.statistics(
-            first, second, kept, eps, lr, update_norm, forward_passes,
-            seconds_forward=forward_seconds, seconds_update=finished - update_started, seconds_total=finished - started,
+            first, second, kept, eps, lr, update_norm, forward_passes, seconds_forward=seconds_forward,
+            seconds_update=finished - update_started, seconds_total=finished - population.started,
         )  # fmt: skip
         self.step_count += 1
         return stats
@@ -321,12 +380,12 @@ class ZOOptimizer:
                 directions += [[h[row] for h in history] for row in range(self.config.guide_history)]
             self.directions.set_subspace(directions)
 
-    def evaluate_probes(self, loss_fn, population_loss, owned: range, eps: float, clean_loss: float | None):
+    def evaluate_probes(self, loss_fn, population_loss, population: Population, clean_loss: float | None):
         """This process's [k, 2] losses (L+, L-; or L+, L(theta) for forward differences), the buffered partial
         update sum (update_mode="buffer"), the seconds spent in forwards, and how many base forwards it ran."""
         config = self.config
         use_buffer = config.update_mode == "buffer"
-        scales = (eps, -eps) if config.difference == "central" else (eps,)
+        owned, scales, eps = population.probes, population.scales, population.eps
         forward_seconds = 0.0
 
         def timed_losses(fn, *args) -> torch.Tensor:
@@ -357,7 +416,6 @@ class ZOOptimizer:
                 z_cache = self.probe_z(probe) if use_buffer else None
                 for column, scale in enumerate(scales):
                     self.perturber.perturb(probe, scale, z_cache)
-                    self.member = (probe, column)  # which member loss_fn sees: e.g. to seed its sampling
                     local[row, column] = timed_losses(loss_fn)
                 self.perturber.restore()
                 if base is not None:
@@ -449,6 +507,9 @@ class ZOOptimizer:
                 step = direction.mul_(lr)
                 if config.weight_decay and param.ndim >= 2:
                     step.add_(current, alpha=lr * config.weight_decay)
+                if self.anchor is not None:
+                    anchor = self.anchor[index].view(-1)[start : start + length].to(g_hat.dtype)
+                    step.add_(current - anchor, alpha=lr * self.anchor_decay)
                 squared_norm += float(step.double().pow(2).sum())
                 flat[start : start + length] = (current - step).to(param.dtype)
                 if config.guided_by_updates:

@@ -1,0 +1,153 @@
+"""The ES population as one batch: completions per second of an evolution-strategies step, its members generating in
+one batched forward per token (low-rank members sharing the base weights) against one member at a time, and against
+plain batched `generate` of the same number of rows; and the peak RSS of each.
+
+    python scripts/benchmark_population.py --model outputs/default [--members 16 64 256] [--ranks 1 4]
+        [--prompts 8] [--max_new_tokens 40] [--output_dir outputs/benchmarks]
+
+Each measurement runs in a fresh process with one thread (so peak RSS is its own). The ES step is the trainer's
+(`EvolutionStrategiesStep`: ask, generate, score, update) with a reward that holds no model (distinct-4), so the
+figures are generation and the update, not a reward model. Writes population.csv and population.png.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser  # noqa: E402
+
+from hf_zoo_rnn.data import BUILTIN_KJV  # noqa: E402
+from hf_zoo_rnn.data.prompts import PromptStream  # noqa: E402
+from hf_zoo_rnn.estimators.zero_order import EvolutionStrategiesStep  # noqa: E402
+from hf_zoo_rnn.rewards import RewardObjective, distinct_4  # noqa: E402
+from hf_zoo_rnn.training.reporting import write_table  # noqa: E402
+from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer  # noqa: E402
+
+
+@dataclass
+class PopulationBenchmarkArguments:
+    model: str = field(default="outputs/default", metadata={"help": "the model the members perturb"})
+    members: list[int] = field(default_factory=lambda: [16, 64, 256], metadata={"help": "members (2 per probe)"})
+    ranks: list[int] = field(default_factory=lambda: [1, 4], metadata={"help": "low-rank members' r"})
+    prompts: int = field(default=8, metadata={"help": "prompts per step (rewards-kjv: 8)"})
+    max_new_tokens: int = field(default=40, metadata={"help": "tokens per completion (rewards-kjv: 40)"})
+    min_seconds: float = field(default=6.0, metadata={"help": "repeat each measurement for at least this long"})
+    sequential_max_members: int = field(default=64, metadata={"help": "one-at-a-time only up to this many members"})
+    output_dir: str = field(default="outputs/benchmarks", metadata={"help": "where population.csv/png go"})
+    worker: str | None = field(default=None, metadata={"help": "internal: MODE:MEMBERS:RANK in this process"})
+
+
+class OneProcess:
+    process_index, num_processes = 0, 1
+
+
+def repeated(run, min_seconds: float) -> tuple[float, int]:
+    """(seconds per call, calls): run() once to warm up, then until `min_seconds` have passed."""
+    run()
+    calls, started = 0, time.perf_counter()
+    while calls == 0 or time.perf_counter() - started < min_seconds:
+        run()
+        calls += 1
+    return (time.perf_counter() - started) / calls, calls
+
+
+def measure(args: PopulationBenchmarkArguments, mode: str, members: int, rank: int) -> dict:
+    """One row: `generate` (plain batched generation of members x prompts rows), `batched` or `sequential` ES steps."""
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval().requires_grad_(False)
+    prompts = PromptStream(BUILTIN_KJV, "train", args.prompts, seed=0, prompt_words=4).batch(0)
+    objective = RewardObjective(tokenizer, [distinct_4], [1.0], args.max_new_tokens)
+    if mode == "generate":
+        rows = prompts.prompts * members
+        seconds, calls = repeated(lambda: objective.completions(model, rows), args.min_seconds)
+    else:
+        perturbation = {"perturbation": "lowrank", "perturbation_rank": rank} if rank else {}
+        config = ZOConfig(num_probes=members // 2, eps=0.01, lr=1e-3, update_rule="adam", loss_shaping="zscore",
+                          **perturbation)  # fmt: skip
+        step = EvolutionStrategiesStep(model, ZOOptimizer(model, config), objective, OneProcess(), run_seed=0)
+        step.batched = mode == "batched"
+        seconds, calls = repeated(lambda: step.step(prompts), args.min_seconds)
+    completions = members * args.prompts
+    return {"mode": mode, "members": members, "rank": rank if mode != "generate" else "", "rows": completions,
+            "seconds_per_step": round(seconds, 4), "completions_per_s": round(completions / seconds, 1),
+            "tokens_per_s": round(completions * args.max_new_tokens / seconds), "calls": calls,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}  # fmt: skip
+
+
+def run_worker(spec: str) -> dict:
+    command = [sys.executable, __file__, *sys.argv[1:], "--worker", spec]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode != 0 or not lines:
+        return {"mode": spec, "error": (result.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(lines[0][len("RESULT ") :])
+
+
+def main() -> None:
+    (args,) = HfArgumentParser(PopulationBenchmarkArguments).parse_args_into_dataclasses()
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        mode, members, rank = args.worker.split(":")
+        print("RESULT " + json.dumps(measure(args, mode, int(members), int(rank))))
+        return
+    rows = []
+    for members in args.members:
+        plain = run_worker(f"generate:{members}:0")
+        group = [plain]
+        for rank in args.ranks:
+            group.append(run_worker(f"batched:{members}:{rank}"))
+            if members <= args.sequential_max_members:
+                group.append(run_worker(f"sequential:{members}:{rank}"))
+        if members <= args.sequential_max_members:
+            group.append(run_worker(f"sequential:{members}:0"))  # full-rank members: the paper's directions
+        for row in group[1:]:
+            if "error" not in row and "error" not in plain:
+                row["share_of_generate"] = round(row["completions_per_s"] / plain["completions_per_s"], 3)
+                row["rss_vs_generate"] = round(row["peak_rss_mb"] / plain["peak_rss_mb"], 3)
+        batched = {r["rank"]: r for r in group if r.get("mode") == "batched"}
+        for row in group:
+            if row.get("mode") == "sequential" and row["rank"] in batched:
+                batched[row["rank"]]["speedup_vs_sequential"] = round(
+                    batched[row["rank"]]["completions_per_s"] / row["completions_per_s"], 2
+                )
+        rows += group
+    write_table(rows, output_dir / "population.csv")
+    plot(rows, output_dir / "population.png", args)
+
+
+def plot(rows: list[dict], path: Path, args: PopulationBenchmarkArguments) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series = {}
+    for row in rows:
+        if "error" not in row:
+            label = (
+                "plain generate"
+                if row["mode"] == "generate"
+                else f"ES step, {row['mode']}, rank {row['rank'] or 'full'}"
+            )
+            series.setdefault(label, []).append((row["members"], row["completions_per_s"]))
+    for label, points in series.items():
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, marker="o", label=label, linestyle="--" if "generate" in label else "-")
+    ax.set(xscale="log", yscale="log", xlabel="members (rows = members x prompts)", ylabel="completions / s",
+           title=f"{args.prompts} prompts x {args.max_new_tokens} tokens, one thread")  # fmt: skip
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
