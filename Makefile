@@ -75,7 +75,7 @@ wheel-check: install
 # The GPU check (scripts/gpu_check.py). The GPU machine has torch, transformers and accelerate but no package registry:
 # `make gpu-wheelhouse` here puts the packages it lacks in .whl/ as Python 3.12 wheels, at the versions of
 # constraints.txt (58 MB, most of it pyarrow, which datasets needs at >= 24); the device tool carries .whl/ and runs
-# `make gpu-check` there (bash scripts/gpu_check.sh: install them, run every part, about 7 minutes).
+# `make gpu-check` there (bash scripts/gpu_check.sh: install them, run every part, about 13 minutes on a fresh machine).
 GPU_WHEELS ?= flashrnn datasets dill multiprocess pyarrow
 gpu-wheelhouse: install
 	rm -rf .whl

@@ -15,4 +15,17 @@ ZooRnnConfig.register_for_auto_class()
 ZooRnnModel.register_for_auto_class("AutoModel")
 ZooRnnForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["ZooRnnConfig", "ZooRnnForCausalLM", "ZooRnnModel", "ZooRnnPreTrainedModel"]
+__all__ = ["ESConfig", "ESTrainer", "ZooRnnConfig", "ZooRnnForCausalLM", "ZooRnnModel", "ZooRnnPreTrainedModel"]
+
+
+def __getattr__(name: str):
+    """ESConfig and ESTrainer on first use: importing the model does not import the trainer's stack."""
+    if name == "ESConfig":
+        from .training.es_config import ESConfig
+
+        return ESConfig
+    if name == "ESTrainer":
+        from .training.es_trainer import ESTrainer
+
+        return ESTrainer
+    raise AttributeError(f"module 'hf_zoo_rnn' has no attribute {name!r}")

@@ -1,6 +1,9 @@
 """Rewards computed from generated text, with TRL's reward-function signature, so TRL users can bring theirs:
 
-    reward(prompts: list[str], completions: list[str], **columns) -> list[float]   (one float per completion)
+    reward(prompts: list[str], completions: list[str], **columns) -> list[float | None]   (one per completion)
+
+Every function is called with TRL's keywords: prompts, completions, completion_ids, trainer_state and every other
+column of the prompts' dataset. A value may be a NumPy number; None means "not applicable" (left out of the sum).
 
 Built in: exact match for the paper's `add` (checked by computing the sum) and `reverse` tasks, the distinct-4-gram
 ratio of a continuation, and the fluency of a continuation under a frozen model (its mean token log-probability).
@@ -10,6 +13,7 @@ ratio of a continuation, and the fluency of a continuation under a frozen model 
 import hashlib
 import importlib
 import math
+import numbers
 import re
 from collections.abc import Callable, Sequence
 
@@ -109,37 +113,60 @@ def load_reward_function(spec: str) -> RewardFunction:
     return function
 
 
+def reward_number(value) -> float | None:
+    """One reward as TRL takes it: a number (NumPy and 0-d tensors too), or None for "not applicable"; a non-finite
+    number becomes NaN. Anything else raises TypeError."""
+    if value is None:
+        return None
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # NumPy scalars and arrays, torch tensors
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{value!r} is not a number")
+    value = float(value)
+    return value if math.isfinite(value) else math.nan
+
+
 def reward_values(
     function: RewardFunction, prompts: list[str], completions: list[str], columns: dict[str, list]
-) -> list[float]:
+) -> list[float | None]:
     """`function`'s rewards, checked: a raise, a wrong length or a non-number is a RewardError naming the function
-    and the row; a non-finite value is kept as NaN (dropped and counted by the caller)."""
+    and the row (and the cause); None means "not applicable to this completion"; a non-finite value is kept as NaN
+    (dropped and counted by the caller). A list, tuple, 1-d NumPy array or tensor is accepted, as TRL does."""
     name = getattr(function, "__name__", repr(function))
     try:
         values = function(prompts=prompts, completions=completions, **columns)
     except Exception as error:
         raise RewardError(f"reward function {name} raised {type(error).__name__}: {error}") from error
-    if not isinstance(values, Sequence) or len(values) != len(completions):
+    if getattr(values, "ndim", None) == 1 and hasattr(values, "tolist"):
+        values = values.tolist()
+    if not isinstance(values, Sequence) or isinstance(values, str) or len(values) != len(completions):
         got = len(values) if isinstance(values, Sequence) else type(values).__name__
         raise RewardError(f"reward function {name} returned {got} values for {len(completions)} completions")
     checked = []
     for row, value in enumerate(values):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise RewardError(f"reward function {name}, row {row} ({prompts[row]!r}): {value!r} is not a number")
-        checked.append(float(value) if math.isfinite(value) else math.nan)
+        try:
+            checked.append(reward_number(value))
+        except TypeError as error:
+            raise RewardError(f"reward function {name}, row {row} ({prompts[row]!r}): {error}") from None
     return checked
 
 
 def combined_rewards(
     functions: list[RewardFunction], weights: list[float], prompts: list[str], completions: list[str], columns: dict
-) -> tuple[list[float], int]:
-    """The weighted sum of every function's reward per completion, and how many completions got a non-finite one
-    (those are NaN: the caller drops them)."""
-    totals = [0.0] * len(completions)
+) -> tuple[list[float], int, dict[str, list[float]]]:
+    """The weighted sum of every function's reward per completion (a function's None leaves it out of the sum, as in
+    TRL; a completion no function applies to is NaN), how many completions got a non-finite total (NaN: the caller
+    drops them), and each function's values by name (NaN where it returned None)."""
+    totals: list[float | None] = [None] * len(completions)
+    per_function = {}
     for function, weight in zip(functions, weights, strict=True):
-        for row, value in enumerate(reward_values(function, prompts, completions, columns)):
-            totals[row] += weight * value
-    return totals, sum(1 for value in totals if math.isnan(value))
+        values = reward_values(function, prompts, completions, columns)
+        per_function[getattr(function, "__name__", repr(function))] = [math.nan if v is None else v for v in values]
+        for row, value in enumerate(values):
+            if value is not None:
+                totals[row] = (totals[row] or 0.0) + weight * value
+    totals = [math.nan if total is None else total for total in totals]
+    return totals, sum(1 for value in totals if math.isnan(value)), per_function
 
 
 def pass_at_k(rewards: list[float], k: int) -> list[float]:
@@ -161,6 +188,9 @@ class RewardObjective:
         self.max_new_tokens, self.do_sample, self.temperature = max_new_tokens, do_sample, temperature
         self.samples, self.aggregation = samples, aggregation
         self.nonfinite = 0  # completions whose reward was not a finite number, so far
+        self.trainer_state = None  # passed to every reward function, as TRL does (ESTrainer sets it)
+        self.function_values: dict[str, list[float]] = {}  # the last call's values per function
+        self.completion_lengths: list[int] = []  # the last call's completions, in tokens
 
     def encoded(self, prompts: list[str]):
         """The prompts left-padded into one batch."""
@@ -221,8 +251,15 @@ class RewardObjective:
         return self.member_rewards(prompts, [self.completions(model, prompts, seed)], columns)[0].tolist()
 
     def scored(self, prompts: list[str], completions: list[str], columns: dict) -> list[float]:
-        """The weighted reward of each completion (NaN where it is not finite, and counted)."""
-        rewards, nonfinite = combined_rewards(self.functions, self.weights, prompts, completions, columns)
+        """The weighted reward of each completion (NaN where it is not finite, and counted). Every function also gets
+        TRL's `completion_ids` and `trainer_state` (`self.trainer_state`, set by ESTrainer; None otherwise); each
+        function's values are kept in `self.function_values` for the step's statistics."""
+        ids = self.tokenizer(completions, add_special_tokens=False)["input_ids"] if completions else []
+        columns = {**columns, "completion_ids": ids, "trainer_state": self.trainer_state}
+        rewards, nonfinite, self.function_values = combined_rewards(
+            self.functions, self.weights, prompts, completions, columns
+        )
+        self.completion_lengths = [len(row) for row in ids]
         self.nonfinite += nonfinite
         return rewards
 

@@ -84,7 +84,8 @@ class RewardBenchmarkArguments:
         default_factory=lambda: ["es", "grpo", "one_step_pg"], metadata={"help": f"of {METHODS}"}
     )
     es_populations: list[str] = field(
-        default_factory=lambda: ["64x1"], metadata={"help": "ES members x rank per run (rank 'full' or a number)"}
+        default_factory=lambda: ["64x1"],
+        metadata={"help": "ES members x rank per run (rank 'full' or a number; @N: stop at N rollouts)"},
     )
     grpo_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-4, 3e-5], metadata={"help": "GRPO lr sweep"})
     grpo_beta: float = field(default=0.04, metadata={"help": "GRPO's KL coefficient"})
@@ -175,6 +176,7 @@ def run_trainer(command: list[str], out: Path) -> int:
 
 
 def run_es(args: RewardBenchmarkArguments, seed: int, out: Path, pass_k: bool, population: str) -> int:
+    population, _, cap = population.partition("@")
     members, rank = population.split("x")
     options = ["--config", "rewards-kjv", "--batch_size", str(args.prompts_per_step),
                "--max_new_tokens", str(args.completion_tokens), "--zo_num_probes", str(int(members) // 2)]  # fmt: skip
@@ -187,7 +189,11 @@ def run_es(args: RewardBenchmarkArguments, seed: int, out: Path, pass_k: bool, p
                     "1", "--task_max_length", str(args.task_max_length)]  # fmt: skip
     if pass_k:
         options += ["--do_sample", "--reward_samples", str(PASS_K), "--reward_aggregation", "best"]
-    return run_trainer(train_command(args, seed, out, *options), out)
+    command = train_command(args, seed, out, *options)
+    if cap:  # stop at that many rollouts (the later --max_steps wins): a comparison at equal rollouts
+        per_step = int(members) * args.prompts_per_step * (PASS_K if pass_k else 1)
+        command += ["--max_steps", str(max(1, int(cap) // per_step))]
+    return run_trainer(command, out)
 
 
 def run_ce(args: RewardBenchmarkArguments, seed: int, out: Path) -> int:
@@ -251,7 +257,8 @@ def run_one_step_pg(args: RewardBenchmarkArguments, seed: int, model, start, tok
 def generations_per_step(args: RewardBenchmarkArguments, method: str, population: str | None) -> int:
     """Completions a step generates: ES, every member for every prompt (and every sample of pass@4)."""
     if method in ("es", "es_pass4"):
-        return int(population.split("x")[0]) * args.prompts_per_step * (PASS_K if method == "es_pass4" else 1)
+        members = int(population.partition("@")[0].split("x")[0])
+        return members * args.prompts_per_step * (PASS_K if method == "es_pass4" else 1)
     return 0 if method == "ce" else args.group * args.prompts_per_step
 
 
@@ -319,8 +326,12 @@ def worker(args: RewardBenchmarkArguments, spec: str, output_dir: Path) -> dict:
             steps = run_one_step_pg(args, seed, model, start, tokenizer)
     name = f"{method} lr={lr:g}" if lr is not None else f"{method} {population}" if population else method
     rollouts = steps * generations_per_step(args, method, population)
+    seconds = args.seconds
+    if method in ("es", "es_pass4", "ce"):  # the trainer's own count (a run capped at N rollouts stops early)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        seconds = max(r.get("training_seconds", 0.0) for r in records) or args.seconds
     results = {"method": name, "seed": seed, "steps": steps, "rollouts": rollouts,
-               "generations_per_s": round(rollouts / args.seconds, 1),
+               "train_seconds": round(seconds, 1), "generations_per_s": round(rollouts / seconds, 1),
                **evaluate(model, start, tokenizer, args), "peak_rss_mb": round(peak_rss_mb())}  # fmt: skip
     if method == "grpo":  # the sampled policy GRPO optimises, beside the greedy decoder
         functions, weights = rewards_of(args, start, tokenizer)

@@ -137,7 +137,7 @@ def test_the_es_step_in_one_batch_equals_members_one_at_a_time(bpe_tokenizer, sa
     assert completions[0] == completions[1] and len(completions[0]) == 6
     assert len({tuple(texts) for texts in completions[0]}) > 1
     (batched_model, batched_report), (alone_model, alone_report) = steps
-    assert batched_report.metrics["mean_reward"] == pytest.approx(alone_report.metrics["mean_reward"], abs=1e-6)
+    assert batched_report.metrics["reward"] == pytest.approx(alone_report.metrics["reward"], abs=1e-6)
     for (name, a), b in zip(batched_model.named_parameters(), alone_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8, msg=name)
     assert not torch.equal(batched_model.lm_head.weight, start.lm_head.weight)  # it moved

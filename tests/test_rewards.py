@@ -55,7 +55,7 @@ def test_bad_reward_functions_are_one_error_naming_the_function_and_row():
                               (words, r"reward function words, row 1 \('p2'\): 'high' is not a number")):  # fmt: skip
         with pytest.raises(RewardError, match=message):
             combined_rewards([function], [1.0], prompts, completions, {})
-    rewards, nonfinite = combined_rewards([nan_reward, distinct_4], [1.0, 0.5], ["p", "q"], ["x", "y z"], {})
+    rewards, nonfinite, _ = combined_rewards([nan_reward, distinct_4], [1.0, 0.5], ["p", "q"], ["x", "y z"], {})
     assert math.isnan(rewards[0]) and rewards[1] == 1.0 and nonfinite == 1
     assert load_reward_function("test_rewards:nan_reward") is nan_reward
     for spec, message in (("nope", "neither built in"), ("no_such_module:f", "cannot be loaded"),
@@ -119,7 +119,11 @@ def test_evolution_strategies_resume_bitwise_and_record_the_objective(add_model,
     start = load_file(add_model / "model.safetensors")
     assert not all(torch.equal(whole[k], start[k]) for k in whole)  # it trained
     records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
-    assert all("mean_reward" in r and r["generated_tokens"] == 8 * 3 * 2 * 4 for r in records if "train_loss" in r)
+    assert all(
+        "reward" in r and "rewards/add_exact/mean" in r and r["generated_tokens"] == 8 * 3 * 2 * 4
+        for r in records
+        if "train_loss" in r
+    )
     assert "eval_reward" in records[-1] and "eval_reward_in_distribution" in records[-1]
     card = (tmp_path / "whole" / "README.md").read_text()
     assert "**rewards of generated text**: add_exact,test_rewards:nan_reward" in card and str(add_model) in card
@@ -152,3 +156,35 @@ def test_reward_settings_that_cannot_work_are_clear_errors(add_model, tmp_path):
             run(reward_args(tmp_path / "bad", add_model, "--max_steps", "1", "--overwrite_output_dir", *extra))
     with pytest.raises(ConfigFileError, match="give it with --init_from"):
         parse_arguments(["--objective", "reward", "--prompts", "add", "--rewards", "add_exact"])
+
+
+def test_rewards_take_what_trl_takes_numpy_none_and_trl_keywords():
+    import numpy as np
+
+    seen = {}
+
+    def numpy_array(prompts, completions, completion_ids, trainer_state, **columns):
+        seen.update(ids=completion_ids, state=trainer_state, columns=columns)
+        return np.array([0.5, 1.5])
+
+    def numpy_scalars_and_none(prompts, completions, **_):
+        return [np.float32(2.0), None]
+
+    def only_none(prompts, completions, **_):
+        return [None] * len(completions)
+
+    totals, nonfinite, per_function = combined_rewards(
+        [numpy_array, numpy_scalars_and_none, only_none], [1.0, 0.5, 3.0], ["p", "q"], ["a", "b"],
+        {"completion_ids": [[1], [2, 3]], "trainer_state": "state", "answer": ["1", "2"]},
+    )  # fmt: skip
+    assert totals == [1.5, 1.5] and nonfinite == 0  # None is left out of the sum, as TRL's nansum does
+    assert math.isnan(per_function["numpy_scalars_and_none"][1]) and all(map(math.isnan, per_function["only_none"]))
+    assert seen == {"ids": [[1], [2, 3]], "state": "state", "columns": {"answer": ["1", "2"]}}
+    nothing, counted, _ = combined_rewards([only_none], [1.0], ["p"], ["a"], {})
+    assert math.isnan(nothing[0]) and counted == 1  # no function applies: dropped and counted
+    with pytest.raises(RewardError, match=r"reward function bad, row 0 \('p'\): \[1\] is not a number"):
+
+        def bad(prompts, completions, **_):
+            return [[1]]
+
+        combined_rewards([bad], [1.0], ["p"], ["a"], {})

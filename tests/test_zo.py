@@ -728,7 +728,7 @@ def test_ask_and_tell_are_the_step_and_the_anchor_is_part_of_the_update():
     told.load_state_dict(stepped.state_dict())
     anchor = [p.detach().clone() + 0.5 for p in stepped.parameters()]
     optimizers = [ZOOptimizer(m, ZOConfig(num_probes=4, lr=0.05, loss_shaping="zscore")) for m in (stepped, told)]
-    for zo, model in zip(optimizers, (stepped, told), strict=True):
+    for zo in optimizers:
         zo.set_anchor([a.clone() for a in anchor], decay=0.2)
     stats = optimizers[0].step(lm_loss(stepped, ids))
     population = optimizers[1].ask()

@@ -49,12 +49,16 @@ class PromptStream:
     """Endless batches of prompts: tasks are drawn afresh per batch; fixed prompt sets are shuffled per epoch."""
 
     def __init__(self, source: str, split: str, batch_size: int, seed: int, prompt_column: str = "prompt",
-                 max_task_length: int = 10, prompt_words: int = 4):  # fmt: skip
+                 max_task_length: int = 10, prompt_words: int = 4, rows: list[dict] | None = None):  # fmt: skip
+        """`rows` ({"prompt": ..., other columns}) are the prompts themselves (ESTrainer's dataset); `source` then
+        only names them."""
         self.source, self.split, self.batch_size, self.seed = source, split, batch_size, seed
         self.max_task_length = max_task_length
         self.batches_served = 0
-        self.rows, self.epoch_order = None, (None, [])
-        if source not in PROMPT_TASKS:
+        self.rows, self.epoch_order = rows, (None, [])
+        if rows is not None and not rows:
+            raise DataError(f"{source} has no prompts")
+        if rows is None and source not in PROMPT_TASKS:
             self.rows = (
                 kjv_openings(split, prompt_words)
                 if source == BUILTIN_KJV

@@ -31,7 +31,10 @@ class BuiltStep:
     objective: RewardObjective | None = None  # objective=reward: what evaluation scores too
 
 
-def build_step(model, model_args, data_args, train_args, zo_config, accelerator, next_batch, tokenizer) -> BuiltStep:
+def build_step(model, model_args, data_args, train_args, zo_config, accelerator, next_batch, tokenizer, *,
+               reward_functions: list | None = None, start_model=None) -> BuiltStep:  # fmt: skip
+    """The run's step. objective=reward takes its reward functions from `train_args.rewards`, or as callables
+    (`reward_functions`, ESTrainer's), and its frozen starting model from `model_args.init_from` or `start_model`."""
     world_size = accelerator.num_processes
     batch_copies = world_size if data_args.per_rank_batches else 1
     if train_args.optimizer != "zo":
@@ -68,11 +71,13 @@ def build_step(model, model_args, data_args, train_args, zo_config, accelerator,
     if zo_config.num_probes:
         zero_order = ZeroOrderStep(model, ZOOptimizer(model, zo_config, zo_names), accelerator, batch_copies)
     if train_args.objective == "reward":
-        start = None  # the starting weights, frozen: what fluency scores by and the anchor decays toward
-        if train_args.anchor_decay or "fluency" in (name.strip() for name in train_args.rewards.split(",")):
+        start = start_model  # the starting weights, frozen: what fluency scores by and the anchor decays toward
+        needs_start = reward_functions is None and "fluency" in (n.strip() for n in train_args.rewards.split(","))
+        if start is None and (train_args.anchor_decay or needs_start):
             start = AutoModelForCausalLM.from_pretrained(model_args.init_from).to(accelerator.device)
+        if start is not None:
             start.eval().requires_grad_(False)
-        objective = reward_objective(train_args, start, tokenizer)
+        objective = reward_objective(train_args, start, tokenizer, reward_functions)
         zo = zero_order.zo
         if train_args.anchor_decay:
             zo.set_anchor([dict(start.named_parameters())[name] for name in zo_names], train_args.anchor_decay)
@@ -91,11 +96,12 @@ def build_step(model, model_args, data_args, train_args, zo_config, accelerator,
     return BuiltStep(local_step if zero_order is None else HybridStep(local_step, zero_order), model, roles)
 
 
-def reward_objective(train_args, start, tokenizer) -> RewardObjective:
-    """The reward functions (fluency scored by `start`, the frozen starting model), their weights, and how
-    completions are drawn and scored."""
-    functions = []
-    for spec in (name.strip() for name in train_args.rewards.split(",")):
+def reward_objective(train_args, start, tokenizer, functions: list | None = None) -> RewardObjective:
+    """The reward functions (given, or named by train_args.rewards: fluency scored by `start`, the frozen starting
+    model), their weights, and how completions are drawn and scored."""
+    named = functions is None
+    functions = [] if named else list(functions)
+    for spec in (name.strip() for name in train_args.rewards.split(",") if named):
         if spec == "fluency":
             functions.append(Fluency(start, tokenizer))
         else:

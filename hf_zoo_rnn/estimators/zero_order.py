@@ -3,6 +3,7 @@
 Every process holds the full model, evaluates its share of the probes (or ES members) on the same batch, all-gathers
 only the loss scalars, and applies the identical update: no parameter crosses the wire."""
 
+import math
 import time
 from functools import partial
 
@@ -13,6 +14,7 @@ from ..forwards.population import members_bytes_per_member, members_loss, stacke
 from ..modeling_zoo_rnn import ZooRnnForCausalLM
 from ..rewards import RewardObjective, member_seed
 from ..zo import PopulationLoss, ZOOptimizer
+from ..zo.estimator import prompt_means
 from ..zo.optimizer import Population, ZOStepStats
 from .step import StepReport, check_state_kind
 
@@ -138,14 +140,35 @@ class EvolutionStrategiesStep:
         losses = accelerator.gather(local) if accelerator.num_processes > 1 else local
         stats = self.zo.tell(population, losses, rank=accelerator.process_index, seconds_forward=seconds)
         report = ZeroOrderStep.report(stats, sent=local.numel() * 8 if accelerator.num_processes > 1 else 0)
-        objective = self.objective
-        report.tokens = 2 * self.probes * len(batch.prompts) * objective.samples * objective.max_new_tokens
-        finite = losses[torch.isfinite(losses)]
-        report.metrics.update(
-            mean_reward=-report.metrics["train_loss"], reward_std=finite.std().item() if finite.numel() > 1 else 0.0,
-            generated_tokens=report.tokens, nonfinite_rewards=objective.nonfinite - nonfinite,
-        )  # fmt: skip
+        self.samples = [(prompt, completion) for prompt, completion in zip(batch.prompts, completions[0], strict=False)]
+        report.tokens = 2 * self.probes * len(batch.prompts) * self.objective.samples * self.objective.max_new_tokens
+        report.metrics.update(self.reward_metrics(losses, nonfinite), generated_tokens=report.tokens)
         return report
+
+    def reward_metrics(self, losses: torch.Tensor, nonfinite_before: int) -> dict:
+        """TRL's names for what the step's completions scored: `reward` (the members' mean reward), `reward_std` (over
+        members and prompts), `rewards/<function>/mean` and `/std` and `completions/*_length` (this process's
+        completions), `frac_reward_zero_std` (prompts on which every member scored the same: nothing to learn)."""
+        objective = self.objective
+        rewards = -losses.flatten(0, 1)  # [members, prompts], every process's
+        finite = rewards[torch.isfinite(rewards)]
+        same = [bool(column[torch.isfinite(column)].unique().numel() <= 1) for column in rewards.T]
+        metrics = {
+            "reward": -prompt_means(losses).nanmean().item(),
+            "reward_std": finite.std().item() if finite.numel() > 1 else 0.0,
+            "frac_reward_zero_std": sum(same) / len(same),
+            "nonfinite_rewards": objective.nonfinite - nonfinite_before,
+        }
+        for name, values in objective.function_values.items():
+            tensor = torch.tensor(values, dtype=torch.float64)
+            tensor = tensor[torch.isfinite(tensor)]
+            metrics[f"rewards/{name}/mean"] = tensor.mean().item() if tensor.numel() else math.nan
+            metrics[f"rewards/{name}/std"] = tensor.std().item() if tensor.numel() > 1 else 0.0
+        lengths = objective.completion_lengths
+        if lengths:
+            metrics.update({"completions/mean_length": sum(lengths) / len(lengths),
+                            "completions/min_length": min(lengths), "completions/max_length": max(lengths)})  # fmt: skip
+        return metrics
 
     def completions(self, population: Population, prompts: list[str]) -> list[list[str]]:
         """Every member's completions of `prompts`, in the population's member order."""

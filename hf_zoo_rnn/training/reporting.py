@@ -85,13 +85,13 @@ def write_model_card(output_dir: Path, model, trainer, final_metrics: dict) -> M
         library_name="transformers",
         pipeline_tag="text-generation",
         license="apache-2.0",
-        tags=["custom_code", config.cell, "zeroth-order", "flashrnn", "hf_zoo_rnn"],
+        tags=["custom_code", getattr(config, "cell", config.model_type), "zeroth-order", "flashrnn", "hf_zoo_rnn"],
         datasets=None if data.task or data.dataset == "kjv" else [data.dataset],
     )
     card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
-        cell=config.cell.upper(),
+        cell=getattr(config, "cell", config.model_type).upper(),
         parameters=f"{model.num_parameters():,}",
         config=config,
         optimizer=trainer.train_args.optimizer,

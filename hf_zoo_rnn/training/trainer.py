@@ -7,6 +7,7 @@ every `checksum_steps` proves the replicas agree. Files, resume, checkpoints and
 trains and validates is streams.py's.
 """
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -21,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 
 from ..config_files import load_model_config, model_config_from_dict
 from ..configuration_zoo_rnn import ZooRnnConfig
@@ -53,19 +54,60 @@ class TrainingStalledError(RuntimeError):
     """Every step for max_skipped_steps in a row was skipped: training makes no progress."""
 
 
+class TrainingEvents:
+    """What the loop tells whoever listens (ESTrainer bridges these to transformers' TrainerCallbacks). A hook that
+    returns True asks the loop to stop after this step, as a callback's `control.should_training_stop` does."""
+
+    def train_begin(self, trainer: "ZooTrainer") -> None:
+        """The run is set up (model, step and any resumed state in place); training starts."""
+
+    def step_end(self, step: int, metrics: dict) -> bool:
+        return False
+
+    def logged(self, record: dict) -> bool:
+        return False
+
+    def saved(self, folder: Path) -> None:
+        pass
+
+    def train_end(self, final: dict) -> None:
+        pass
+
+
 class ZooTrainer:
+    """The run of `accelerate launch scripts/train.py`, from its parsed arguments. ESTrainer drives the same run from
+    Python objects: a model, a tokenizer, reward callables and prompt rows replace their names in the arguments."""
+
     def __init__(
-        self, model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments, zo_config: ZOConfig
+        self,
+        model_args: ModelArguments,
+        data_args: DataArguments,
+        train_args: TrainArguments,
+        zo_config: ZOConfig,
+        *,
+        model=None,
+        tokenizer=None,
+        reward_functions: list | None = None,
+        prompt_rows: dict[str, list[dict] | None] | None = None,
+        events: TrainingEvents | None = None,
+        use_cpu: bool = False,
     ):
         self.model_args, self.data_args, self.train_args, self.zo_config = model_args, data_args, train_args, zo_config
+        self.given_model, self.given_tokenizer, self.reward_functions = model, tokenizer, reward_functions
+        self.prompt_rows = prompt_rows  # {"train": rows, "validation": rows or None} instead of --prompts
+        self.events = events or TrainingEvents()
         self.output_dir = Path(train_args.output_dir)
         self.trackers = [] if train_args.log_with == "none" else train_args.log_with.split(",")
         self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(), log_with=self.trackers or None, project_dir=str(self.output_dir)
+            cpu=use_cpu or not torch.cuda.is_available(),
+            log_with=self.trackers or None,
+            project_dir=str(self.output_dir),
         )
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.history: list[dict] = []
         self.counters = {"step": 0, "forward_passes": 0, "tokens": 0, "comm_bytes": 0}
+        # transformers' view of the run's progress: what reward functions get as `trainer_state`, as in TRL
+        self.trainer_state = TrainerState(max_steps=train_args.max_steps, logging_steps=train_args.logging_steps)
         self.storage: RunStorage | None = None  # set up by setup(): it talks to the other processes
         self.reward: RewardObjective | None = None  # objective=reward: what evaluation scores too
         self.parameter_roles: dict[str, str] = {}  # parameter name -> how it is trained (for the model card)
@@ -82,8 +124,12 @@ class ZooTrainer:
         self.tokenizer = self.load_tokenizer()
         self.model = self.load_model()
         self.batches = BatchSource(lambda: self.make_stream(validation=False), self.data_args, self.accelerator.device)
+        start = None  # a given model's frozen copy: what an anchor decays toward
+        if self.given_model is not None and self.train_args.anchor_decay:
+            start = copy.deepcopy(self.given_model)
         built = build_step(self.model, self.model_args, self.data_args, self.train_args, self.zo_config,
-                           self.accelerator, self.batches.next_batch, self.tokenizer)  # fmt: skip
+                           self.accelerator, self.batches.next_batch, self.tokenizer,
+                           reward_functions=self.reward_functions, start_model=start)  # fmt: skip
         self.step, self.model, self.parameter_roles, self.reward = (
             built.step,
             built.model,
@@ -92,6 +138,9 @@ class ZooTrainer:
         )
         if self.resume_dir is not None:
             self.load_training_state(self.resume_dir)
+        self.trainer_state.global_step = self.counters["step"]
+        if self.reward is not None:
+            self.reward.trainer_state = self.trainer_state
         self.training_data, self.validation_data = data_descriptions(
             self.data_args, self.train_args.objective, self.train_args.rewards, self.model_args.init_from,
             self.batches.stream,
@@ -118,6 +167,8 @@ class ZooTrainer:
         return {"seed": self.train_args.seed, "optimizer": self.train_args.optimizer}
 
     def load_tokenizer(self):
+        if self.given_tokenizer is not None and self.resume_dir is None:
+            return self.given_tokenizer
         source = self.resume_dir or self.model_args.init_from
         if source is not None:
             return AutoTokenizer.from_pretrained(source)
@@ -155,6 +206,11 @@ class ZooTrainer:
         return model_config_from_dict(values, source)
 
     def load_model(self) -> ZooRnnForCausalLM:
+        if self.given_model is not None:  # trained as it is, the user's object; a resume loads its checkpoint into it
+            model = self.given_model
+            if self.resume_dir is not None:
+                model.load_state_dict(AutoModelForCausalLM.from_pretrained(self.resume_dir).state_dict())
+            return model.to(self.accelerator.device)
         name = self.model_args.dtype
         if name == "auto":  # bf16 halves GPU memory; on CPU bf16 matmuls are ~2x slower than fp32
             name = "bfloat16" if self.accelerator.device.type == "cuda" else "float32"
@@ -179,6 +235,13 @@ class ZooTrainer:
         return model.to(self.accelerator.device)
 
     def make_stream(self, validation: bool):
+        if self.prompt_rows is not None:  # prompts given as rows (ESTrainer's datasets), not named by --prompts
+            rows = self.prompt_rows["validation" if validation else "train"]
+            split = "validation" if validation else "train"
+            if rows is None:
+                return None
+            return PromptStream(self.data_args.prompts, split, self.data_args.batch_size, self.train_args.seed,
+                                rows=rows)  # fmt: skip
         return make_stream(self.data_args, self.train_args.objective, self.train_args.seed, self.tokenizer, validation,
                            self.rank, self.world_size)  # fmt: skip
 
@@ -197,6 +260,7 @@ class ZooTrainer:
 
     def run_training(self, stop_requests: StopRequests) -> dict:
         self.setup()
+        self.events.train_begin(self)
         args = self.train_args
         if self.accelerator.is_main_process or self.storage.writes_shared:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -234,7 +298,8 @@ class ZooTrainer:
                 metrics.update(self.evaluate())
             reached = args.stop_at_train_loss is not None and metrics["train_loss"] < args.stop_at_train_loss
             if step % args.logging_steps == 0 or step == args.max_steps or evaluated or reached:
-                self.log(metrics)
+                reached = self.log(metrics) or reached
+            reached = self.events.step_end(step, metrics) or reached
             saved = args.save_steps and step % args.save_steps == 0 and step < args.max_steps
             if saved:
                 self.save_checkpoint()
@@ -261,11 +326,13 @@ class ZooTrainer:
         self.check_replicas()
         self.save_checkpoint()
         self.save_final_model(final)
+        self.events.train_end(final)
         return final  # the script calls accelerator.end_training(): it also tears down the process group
 
     def count(self, report: StepReport) -> int:
         """The one place the run's counters grow; returns the new step number."""
         self.counters["step"] += 1
+        self.trainer_state.global_step = self.counters["step"]
         self.counters["forward_passes"] += report.forward_passes
         self.counters["tokens"] += report.tokens
         self.counters["comm_bytes"] += report.comm_bytes
@@ -330,7 +397,10 @@ class ZooTrainer:
         distribution on fresh prompts of the training lengths), and for KJV prompts the validation loss."""
         data, args = self.data_args, self.train_args
         greedy = RewardObjective(self.tokenizer, self.reward.functions, self.reward.weights, args.max_new_tokens)
+        greedy.trainer_state = self.trainer_state
         streams = {"eval_reward": self.make_stream(validation=True)}
+        if streams["eval_reward"] is None:  # ESTrainer without an eval_dataset
+            return {}
         if data.prompts in ("add", "reverse"):
             streams["eval_reward_in_distribution"] = PromptStream(data.prompts, "train", data.batch_size,
                                                                   self.train_args.seed + 1, max_task_length=data.task_max_length)  # fmt: skip
@@ -360,7 +430,8 @@ class ZooTrainer:
                 f"step {self.counters['step']}: processes hold different weights (checksums {everyone.tolist()}); stopping"
             )
 
-    def log(self, metrics: dict) -> None:
+    def log(self, metrics: dict) -> bool:
+        """Record the metrics (trackers, metrics.jsonl); True when a listener asks the run to stop."""
         record = {"step": self.counters["step"], **{k: v for k, v in metrics.items() if isinstance(v, int | float)}}
         self.history.append(record)
         self.accelerator.log(record, step=self.counters["step"])
@@ -371,6 +442,7 @@ class ZooTrainer:
                     handle.write(json.dumps(record) + "\n")
             except OSError as error:  # a full disk: say so, not a traceback
                 raise OutputDirError(f"cannot write {path}: {error.strerror}") from error
+        return self.events.logged(record)
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
 
@@ -383,19 +455,21 @@ class ZooTrainer:
             "run": self.run_identity(),
         }
         process_state = {"data": self.batches.state_dict(), "rng": torch.get_rng_state()}
-        return self.storage.save_checkpoint(
+        folder = self.storage.save_checkpoint(
             self.counters["step"], self.accelerator.unwrap_model(self.model), self.tokenizer, process_state,
             self.step.state_dict(), trainer_state, lambda folder: self.write_report(folder, self.latest_eval()),
         )  # fmt: skip
+        self.events.saved(folder)
+        return folder
 
     def load_training_state(self, folder: Path) -> None:
         state, process_state, step_state = self.storage.load_checkpoint(folder, self.data_args.per_rank_batches)
         self.counters, self.history = state["counters"], state["history"]
         self.batches.load_state_dict(process_state["data"])
-        torch.set_rng_state(process_state["rng"])
         try:
+            torch.set_rng_state(process_state["rng"])
             self.step.load_state_dict(step_state)
-        except (ValueError, KeyError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as error:
             raise CheckpointError(f"{folder}: the optimizer state does not fit this run: {error}") from error
 
     def save_final_model(self, final_metrics: dict) -> None:
