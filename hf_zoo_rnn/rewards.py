@@ -10,11 +10,14 @@ ratio of a continuation, and the fluency of a continuation under a frozen model 
 `pass_at_k` scores k samples per prompt by the best of them. A user's function is named `module:function`.
 """
 
+import contextlib
 import hashlib
 import importlib
 import math
 import numbers
 import re
+import signal
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -27,7 +30,54 @@ RewardFunction = Callable[..., list[float]]
 
 
 class RewardError(ValueError):
-    """A reward function that cannot be loaded, raises, or returns something other than one number per completion."""
+    """A reward function that cannot be loaded, raises, hangs, or returns something other than one number (or None)
+    per completion."""
+
+
+class RewardInterrupted(BaseException):
+    """A stop request (SIGTERM, SIGINT) arrived while a reward function ran: the step is abandoned, so that the run
+    saves within seconds instead of waiting for a slow reward (a BaseException: a reward's `except Exception` does not
+    swallow it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum} during a reward function")
+        self.signum = signum
+
+
+class RewardTimeout(BaseException):
+    """A reward function's call outlived its deadline (raised inside it by SIGALRM)."""
+
+
+class RewardCall:
+    """Whether a reward function is running now (a stop request may then interrupt it), and its deadline."""
+
+    active = False
+
+    @classmethod
+    @contextlib.contextmanager
+    def guarded(cls, name: str, timeout: float):
+        """Run a reward call under `timeout` seconds (0: none; the main thread only: signals reach no other)."""
+        timeout = timeout if threading.current_thread() is threading.main_thread() else 0
+        previous = None
+        if timeout:
+
+            def expired(signum, frame):
+                raise RewardTimeout
+
+            previous = signal.signal(signal.SIGALRM, expired)
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+        cls.active = True
+        try:
+            yield
+        except RewardTimeout:
+            raise RewardError(
+                f"reward function {name} did not return within {timeout:g} s (--reward_timeout)"
+            ) from None
+        finally:
+            cls.active = False
+            if timeout:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
 
 
 def answer_of(completion: str) -> str:
@@ -106,8 +156,8 @@ def load_reward_function(spec: str) -> RewardFunction:
         raise RewardError(f"reward {spec!r} is neither built in ({', '.join(BUILT_IN)}, fluency) nor module:function")
     try:
         function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as error:
-        raise RewardError(f"reward {spec!r} cannot be loaded: {error}") from None
+    except Exception as error:  # not found, or the module itself fails (a syntax error, an import-time raise)
+        raise RewardError(f"reward {spec!r} cannot be loaded: {type(error).__name__}: {error}") from None
     if not callable(function):
         raise RewardError(f"reward {spec!r} is not callable")
     return function
@@ -127,15 +177,20 @@ def reward_number(value) -> float | None:
 
 
 def reward_values(
-    function: RewardFunction, prompts: list[str], completions: list[str], columns: dict[str, list]
-) -> list[float | None]:
-    """`function`'s rewards, checked: a raise, a wrong length or a non-number is a RewardError naming the function
-    and the row (and the cause); None means "not applicable to this completion"; a non-finite value is kept as NaN
-    (dropped and counted by the caller). A list, tuple, 1-d NumPy array or tensor is accepted, as TRL does."""
+    function: RewardFunction, prompts: list[str], completions: list[str], columns: dict[str, list],
+    timeout: float = 0.0,
+) -> list[float | None]:  # fmt: skip
+    """`function`'s rewards, checked: a raise, a call longer than `timeout` seconds, a wrong length or a non-number
+    is a RewardError naming the function and the row (and the cause); None means "not applicable to this
+    completion"; a non-finite value is kept as NaN (dropped and counted by the caller). A list, tuple, 1-d NumPy
+    array or tensor is accepted, as TRL does."""
     name = getattr(function, "__name__", repr(function))
     try:
-        values = function(prompts=prompts, completions=completions, **columns)
+        with RewardCall.guarded(name, timeout):
+            values = function(prompts=prompts, completions=completions, **columns)
     except Exception as error:
+        if isinstance(error, RewardError):
+            raise
         raise RewardError(f"reward function {name} raised {type(error).__name__}: {error}") from error
     if getattr(values, "ndim", None) == 1 and hasattr(values, "tolist"):
         values = values.tolist()
@@ -152,15 +207,16 @@ def reward_values(
 
 
 def combined_rewards(
-    functions: list[RewardFunction], weights: list[float], prompts: list[str], completions: list[str], columns: dict
-) -> tuple[list[float], int, dict[str, list[float]]]:
+    functions: list[RewardFunction], weights: list[float], prompts: list[str], completions: list[str], columns: dict,
+    timeout: float = 0.0,
+) -> tuple[list[float], int, dict[str, list[float]]]:  # fmt: skip
     """The weighted sum of every function's reward per completion (a function's None leaves it out of the sum, as in
     TRL; a completion no function applies to is NaN), how many completions got a non-finite total (NaN: the caller
     drops them), and each function's values by name (NaN where it returned None)."""
     totals: list[float | None] = [None] * len(completions)
     per_function = {}
     for function, weight in zip(functions, weights, strict=True):
-        values = reward_values(function, prompts, completions, columns)
+        values = reward_values(function, prompts, completions, columns, timeout)
         per_function[getattr(function, "__name__", repr(function))] = [math.nan if v is None else v for v in values]
         for row, value in enumerate(values):
             if value is not None:
@@ -188,7 +244,8 @@ class RewardObjective:
         self.max_new_tokens, self.do_sample, self.temperature = max_new_tokens, do_sample, temperature
         self.samples, self.aggregation = samples, aggregation
         self.nonfinite = 0  # completions whose reward was not a finite number, so far
-        self.trainer_state = None  # passed to every reward function, as TRL does (ESTrainer sets it)
+        self.trainer_state = None  # passed to every reward function, as TRL does (the trainer sets it)
+        self.timeout = 0.0  # seconds one reward function's call may take (0: no deadline; the trainer sets it)
         self.function_values: dict[str, list[float]] = {}  # the last call's values per function
         self.completion_lengths: list[int] = []  # the last call's completions, in tokens
 
@@ -257,7 +314,7 @@ class RewardObjective:
         ids = self.tokenizer(completions, add_special_tokens=False)["input_ids"] if completions else []
         columns = {**columns, "completion_ids": ids, "trainer_state": self.trainer_state}
         rewards, nonfinite, self.function_values = combined_rewards(
-            self.functions, self.weights, prompts, completions, columns
+            self.functions, self.weights, prompts, completions, columns, self.timeout
         )
         self.completion_lengths = [len(row) for row in ids]
         self.nonfinite += nonfinite

@@ -4,8 +4,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -188,3 +190,57 @@ def test_rewards_take_what_trl_takes_numpy_none_and_trl_keywords():
             return [[1]]
 
         combined_rewards([bad], [1.0], ["p"], ["a"], {})
+
+
+def slow_when_flagged(prompts, completions, **_):
+    """Sleeps while the file named by $SLOW_REWARD_FLAG exists (after writing '<flag>.started'): a hung reward."""
+    flag = os.environ.get("SLOW_REWARD_FLAG", "")
+    if flag and os.path.exists(flag):
+        open(flag + ".started", "w").close()
+        time.sleep(120)
+    return [0.0] * len(completions)
+
+
+def test_a_hung_reward_meets_its_deadline_and_bad_specs_are_one_line(add_model, tmp_path, monkeypatch):
+    from hf_zoo_rnn.config_files import ConfigFileError
+
+    flag = tmp_path / "slow"
+    flag.touch()
+    monkeypatch.setenv("SLOW_REWARD_FLAG", str(flag))
+    started = time.perf_counter()
+    with pytest.raises(RewardError, match=r"slow_when_flagged did not return within 1 s \(--reward_timeout\)"):
+        combined_rewards([slow_when_flagged], [1.0], ["p"], ["a"], {}, timeout=1.0)
+    assert time.perf_counter() - started < 10
+    broken = tmp_path / "broken_reward_module.py"
+    broken.write_text("def reward(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RewardError, match="broken_reward_module:reward.* cannot be loaded: SyntaxError"):
+        load_reward_function("broken_reward_module:reward")
+    with pytest.raises(ConfigFileError, match="reward_weights must be numbers separated by commas, got '1,high'"):
+        run(reward_args(tmp_path / "w", add_model, "--reward_weights", "1,high"))
+
+
+def test_sigterm_during_a_slow_reward_saves_at_once_and_the_resume_is_bitwise(add_model, tmp_path):
+    """The step in flight is abandoned (its prompts read again on resume): the run that was stopped ends equal to
+    one that never was."""
+    flag = tmp_path / "slow"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests"), "SLOW_REWARD_FLAG": str(flag)}
+    rewards = ["--rewards", "add_exact,test_rewards:slow_when_flagged", "--max_steps", "3", "--save_steps", "0"]
+    command = [sys.executable, "-m", "hf_zoo_rnn.train", *reward_args(tmp_path / "stopped", add_model), *rewards]
+    subprocess.run([*command[:3], *reward_args(tmp_path / "whole", add_model), *rewards], env=env, check=True,
+                   capture_output=True, timeout=600)  # fmt: skip
+    flag.touch()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not os.path.exists(f"{flag}.started") and time.time() < deadline:
+        time.sleep(0.2)
+    flag.unlink()
+    signalled = time.perf_counter()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert time.perf_counter() - signalled < 15 and process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "during step 1's rewards" in stderr and "Traceback" not in stderr
+    subprocess.run([*command, "--resume_from_checkpoint", "latest"], env=env, check=True, capture_output=True,
+                   timeout=600)  # fmt: skip
+    whole, stopped = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "stopped"))
+    assert all(torch.equal(whole[k], stopped[k]) for k in whole)

@@ -611,6 +611,8 @@ def test_low_rank_z_is_a_b_transposed_over_root_r_per_matrix_and_pieces_equal_th
     isotropic.step = 2
     assert torch.equal(directions.z(1, 2, 0, 6), isotropic.z(1, 2, 0, 6))  # vectors keep full-rank noise
     assert not torch.equal(directions.z(1, 0, 0, 35), directions.z(2, 0, 0, 35))
+    every_a, every_b = directions.all_factors(1, 1)  # all of a tensor's matrices in one draw: the same factors
+    assert all(torch.equal(every_a[i], blocks[i][0]) and torch.equal(every_b[i], blocks[i][1]) for i in range(6))
 
 
 def test_low_rank_z_has_identity_covariance_and_its_update_is_one_product():

@@ -110,7 +110,9 @@ def reward_objective(train_args, start, tokenizer, functions: list | None = None
             except RewardError as error:
                 raise ConfigFileError(str(error)) from None
     weights = [float(w) for w in train_args.reward_weights.split(",") if w.strip()] or [1.0] * len(functions)
-    return RewardObjective(
+    objective = RewardObjective(
         tokenizer, functions, weights, train_args.max_new_tokens, train_args.do_sample, train_args.temperature,
         train_args.reward_samples, train_args.reward_aggregation,
     )  # fmt: skip
+    objective.timeout = train_args.reward_timeout
+    return objective

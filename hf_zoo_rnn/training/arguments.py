@@ -9,6 +9,7 @@ sets defaults, the command line wins.
 A key that no dataclass declares is an error naming the file and the key.
 """
 
+import math
 import sys
 import types
 import typing
@@ -197,6 +198,10 @@ class TrainArguments:
         },
     )
     reward_weights: str = field(default="", metadata={"help": "one weight per reward (default: 1 each)"})
+    reward_timeout: float = field(
+        default=300.0,
+        metadata={"help": "seconds one reward function's call may take before the run stops with an error (0: none)"},
+    )
     reward_samples: int = field(default=1, metadata={"help": "completions per prompt and member (sampled when > 1)"})
     reward_aggregation: str = field(
         default="mean", metadata={"help": "a prompt's reward over its samples: mean, or best (pass@k)"}
@@ -319,6 +324,16 @@ def check_reward_choices(
             "(antithetic pairs of members)"
         )
     weights = [w for w in train_args.reward_weights.split(",") if w.strip()]
+    for weight in weights:
+        try:
+            if not math.isfinite(float(weight)):
+                raise ValueError
+        except ValueError:
+            raise ConfigFileError(
+                f"reward_weights must be numbers separated by commas, got {train_args.reward_weights!r}"
+            ) from None
+    if train_args.reward_timeout < 0:
+        raise ConfigFileError(f"reward_timeout must be >= 0 seconds (0: none), got {train_args.reward_timeout}")
     if weights and len(weights) != len(train_args.rewards.split(",")):
         raise ConfigFileError(
             f"reward_weights gives {len(weights)} weights for {len(train_args.rewards.split(','))} rewards"

@@ -89,6 +89,9 @@ class ESConfig(TrainingArguments):
         },
     )
     update_rule: str = field(default="adam", metadata={"help": f"one of {UPDATE_RULES}"})
+    reward_timeout: float = field(
+        default=300.0, metadata={"help": "seconds one reward function's call may take before an error (0: none)"}
+    )
 
     def __new__(cls, *args, **kwargs):
         refused = sorted(name for name in kwargs if name in GRPO_ONLY)

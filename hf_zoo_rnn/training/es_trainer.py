@@ -150,7 +150,7 @@ class ESTrainer:
         train_args = TrainArguments(
             output_dir=config.output_dir, seed=config.seed, max_steps=self.max_steps(), objective="reward",
             rewards=",".join(getattr(f, "__name__", type(f).__name__) for f in self.reward_funcs),
-            reward_weights=",".join(str(w) for w in config.reward_weights or []),
+            reward_weights=",".join(str(w) for w in config.reward_weights or []), reward_timeout=config.reward_timeout,
             reward_samples=config.num_generations, max_new_tokens=config.max_completion_length,
             do_sample=not config.greedy or config.num_generations > 1, temperature=config.temperature, anchor_decay=config.anchor_decay,
             optimizer="zo", local_gradient="none", logging_steps=max(1, int(config.logging_steps)),

@@ -15,6 +15,8 @@ import threading
 
 import torch
 
+from ..rewards import RewardCall, RewardInterrupted
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -34,11 +36,14 @@ class Preempted(Exception):
 
 
 class StopRequests:
-    """Records SIGTERM / SIGINT instead of dying mid-step; `requested` says whether to stop after this step."""
+    """Records SIGTERM / SIGINT instead of dying mid-step; `requested` says whether to stop after this step. With
+    `interrupt_rewards` (one process: no other waits on it) a signal that arrives while a reward function runs
+    abandons the step at once (RewardInterrupted), so a slow reward cannot outlast a scheduler's grace period."""
 
-    def __init__(self):
+    def __init__(self, interrupt_rewards: bool = False):
         self.signum = 0
         self.previous = {}
+        self.interrupt_rewards = interrupt_rewards
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():  # only the main thread receives signals
@@ -60,6 +65,8 @@ class StopRequests:
             signal.raise_signal(signum)
             return
         self.signum = signum
+        if self.interrupt_rewards and RewardCall.active:
+            raise RewardInterrupted(signum)
 
     def requested(self, accelerator) -> int:
         """The signal to stop for, the same on every process (0 for none)."""

@@ -30,7 +30,7 @@ from ..data import BUILTIN_KJV, PackedStream, build_tokenizer, open_text_source,
 from ..data.prompts import PromptStream
 from ..estimators import StepReport, build_step
 from ..modeling_zoo_rnn import ZooRnnForCausalLM
-from ..rewards import RewardObjective
+from ..rewards import RewardInterrupted, RewardObjective
 from ..zo import ZOConfig
 from .arguments import DataArguments, ModelArguments, TrainArguments
 from .checkpoints import CheckpointError, latest_checkpoint
@@ -249,7 +249,7 @@ class ZooTrainer:
 
     def train(self) -> dict:
         """Set up, train, evaluate and save; a SIGTERM or SIGINT saves a checkpoint and raises Preempted."""
-        stop_requests = StopRequests()
+        stop_requests = StopRequests(interrupt_rewards=self.world_size == 1)
         stop_requests.install()
         try:
             return self.run_training(stop_requests)
@@ -273,9 +273,20 @@ class ZooTrainer:
         while self.counters["step"] < args.max_steps:
             if args.max_train_seconds is not None and training_seconds >= args.max_train_seconds:
                 break
+            position = self.batches.state_dict() if self.reward is not None else None
             batch = self.batches.next_batch()
             step_started = time.perf_counter()
-            report = self.step.step(batch)
+            try:
+                report = self.step.step(batch)
+            except RewardInterrupted as stop:  # a slow reward: abandon the step, resume reads its prompts again
+                self.batches.load_state_dict(position)
+                folder = self.save_checkpoint()
+                progress.close()
+                raise Preempted(
+                    stop.signum,
+                    f"stopped by {signal.Signals(stop.signum).name} during step {self.counters['step'] + 1}'s rewards: "
+                    f"saved {folder}; continue with --resume_from_checkpoint latest",
+                ) from None
             training_seconds += time.perf_counter() - step_started
             step = self.count(report)
             metrics = report.metrics
@@ -397,7 +408,7 @@ class ZooTrainer:
         distribution on fresh prompts of the training lengths), and for KJV prompts the validation loss."""
         data, args = self.data_args, self.train_args
         greedy = RewardObjective(self.tokenizer, self.reward.functions, self.reward.weights, args.max_new_tokens)
-        greedy.trainer_state = self.trainer_state
+        greedy.trainer_state, greedy.timeout = self.trainer_state, self.reward.timeout
         streams = {"eval_reward": self.make_stream(validation=True)}
         if streams["eval_reward"] is None:  # ESTrainer without an eval_dataset
             return {}

@@ -118,6 +118,17 @@ class LowRankDirections(IsotropicDirections):
         b = noise(stream, matrices * m * r + batch * n * r, n * r, self.distribution, device).view(n, r)
         return a, b
 
+    def all_factors(self, probe: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every matrix's factors of tensor `index` for `probe` at once: (A [matrices, m, r], B [matrices, n, r]),
+        equal to `factors` of each matrix (the same stream pieces, drawn in two calls instead of two per matrix)."""
+        *leading, m, n = self.params[index].shape
+        matrices, r = math.prod(leading), self.rank
+        stream = stream_seed(self.seed, self.step, probe, index)
+        device = self.params[index].device
+        a = noise(stream, 0, matrices * m * r, self.distribution, device).view(matrices, m, r)
+        b = noise(stream, matrices * m * r, matrices * n * r, self.distribution, device).view(matrices, n, r)
+        return a, b
+
     def z(self, probe: int, index: int, start: int, length: int) -> torch.Tensor:
         if not self.is_low_rank(index):
             return super().z(probe, index, start, length)
@@ -134,15 +145,13 @@ class LowRankDirections(IsotropicDirections):
         (c_1 A_1 | ... | c_K A_K) (B_1 | ... | B_K)^T, of the rows the piece covers only."""
         m, n = self.params[index].shape[-2:]
         first_row, last_row = start // n, (start + length - 1) // n
+        factors = [(self.all_factors(probe, index), c) for probe, c in zip(probes, coefficients, strict=True)]
         pieces = []
         for batch in range(first_row // m, last_row // m + 1):
             low, high = max(first_row, batch * m) - batch * m, min(last_row + 1, (batch + 1) * m) - batch * m
-            a_rows, b_all = [], []
-            for probe, c in zip(probes, coefficients, strict=True):
-                a, b = self.factors(probe, index, batch)
-                a_rows.append(a[low:high] * c)
-                b_all.append(b)
-            pieces.append((torch.cat(a_rows, dim=1) @ torch.cat(b_all, dim=1).T).reshape(-1))
+            a_rows = torch.cat([a[batch, low:high] * c for (a, _), c in factors], dim=1)
+            b_all = torch.cat([b[batch] for (_, b), _ in factors], dim=1)
+            pieces.append((a_rows @ b_all.T).reshape(-1))
         flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         offset = start - first_row * n
         return flat[offset : offset + length].div_(math.sqrt(self.rank))

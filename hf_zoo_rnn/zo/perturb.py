@@ -113,9 +113,8 @@ class Perturber:
                 *leading, _, _ = param.shape
                 a_rows, b_rows = [], []
                 for probe in probes:
-                    factors = [self.directions.factors(probe, index, block) for block in range(math.prod(leading))]
-                    a = torch.stack([f[0] for f in factors]).view(*leading, *factors[0][0].shape).to(dtype)
-                    b = torch.stack([f[1] for f in factors]).view(*leading, *factors[0][1].shape).to(dtype)
+                    a, b = self.directions.all_factors(probe, index)
+                    a, b = a.view(*leading, *a.shape[1:]).to(dtype), b.view(*leading, *b.shape[1:]).to(dtype)
                     for scale in scales:
                         a_rows.append(a * (scale / math.sqrt(self.directions.rank)))
                         b_rows.append(b)
