@@ -7,7 +7,8 @@ plain batched `generate` of the same number of rows; and the peak RSS of each.
 
 Each measurement runs in a fresh process with one thread (so peak RSS is its own). The ES step is the trainer's
 (`EvolutionStrategiesStep`: ask, generate, score, update) with a reward that holds no model (distinct-4), so the
-figures are generation and the update, not a reward model. Writes population.csv and population.png.
+figures are generation and the update, not a reward model. A last row is ESTrainer's overhead over the bare step at
+the rewards-kjv shape (--api_steps). Writes population.csv and population.png.
 """
 
 import json
@@ -43,6 +44,7 @@ class PopulationBenchmarkArguments:
     max_new_tokens: int = field(default=40, metadata={"help": "tokens per completion (rewards-kjv: 40)"})
     min_seconds: float = field(default=6.0, metadata={"help": "repeat each measurement for at least this long"})
     sequential_max_members: int = field(default=64, metadata={"help": "one-at-a-time only up to this many members"})
+    api_steps: int = field(default=40, metadata={"help": "steps of the ESTrainer overhead row (0: none)"})
     output_dir: str = field(default="outputs/benchmarks", metadata={"help": "where population.csv/png go"})
     worker: str | None = field(default=None, metadata={"help": "internal: MODE:MEMBERS:RANK in this process"})
 
@@ -85,6 +87,53 @@ def measure(args: PopulationBenchmarkArguments, mode: str, members: int, rank: i
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}  # fmt: skip
 
 
+def api_overhead(args: PopulationBenchmarkArguments) -> dict:
+    """The Python API's cost over the bare ES step at the rewards-kjv shape (64 rank-1 members): the mean wall time
+    between ESTrainer's on_step_end callbacks (logging, progress bar, callbacks included) against the step alone."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from hf_zoo_rnn import ESConfig, ESTrainer
+    from hf_zoo_rnn.data.prompts import kjv_openings
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    rows = kjv_openings("train", 4)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval().requires_grad_(False)
+    config = ZOConfig(num_probes=32, eps=0.01, lr=1e-3, update_rule="adam", loss_shaping="zscore",
+                      perturbation="lowrank")  # fmt: skip
+    objective = RewardObjective(tokenizer, [distinct_4], [1.0], args.max_new_tokens)
+    step = EvolutionStrategiesStep(model, ZOOptimizer(model, config), objective, OneProcess(), run_seed=0)
+    stream = iter(PromptStream("rows", "train", args.prompts, 0, rows=rows))
+    bare = []
+    for _ in range(args.api_steps):
+        batch = next(stream)
+        started = time.perf_counter()
+        step.step(batch)
+        bare.append(time.perf_counter() - started)
+
+    class Clock(TrainerCallback):
+        ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    es_args = ESConfig(output_dir=str(Path(args.output_dir) / "api_overhead_run"), max_steps=args.api_steps,
+                       per_device_train_batch_size=args.prompts, max_completion_length=args.max_new_tokens,
+                       population_size=64, logging_steps=5, eval_strategy="no", save_strategy="no",
+                       overwrite_output_dir=True, use_cpu=True, seed=0)  # fmt: skip
+    clock = Clock()
+    ESTrainer(AutoModelForCausalLM.from_pretrained(args.model), distinct_4, es_args, Dataset.from_list(rows),
+              processing_class=tokenizer, callbacks=[clock]).train()  # fmt: skip
+    skip = min(5, args.api_steps // 2)  # warm-up steps
+    bare_s = sum(bare[skip:]) / len(bare[skip:])
+    gaps = [b - a for a, b in zip(clock.ends[skip:], clock.ends[skip + 1 :], strict=False)]
+    api_s = sum(gaps) / len(gaps)
+    return {"mode": "ESTrainer (Python API)", "members": 64, "rank": 1, "rows": 64 * args.prompts,
+            "seconds_per_step": round(api_s, 4), "bare_step_seconds": round(bare_s, 4),
+            "api_overhead": round(api_s / bare_s - 1, 4)}  # fmt: skip
+
+
 def run_worker(spec: str) -> dict:
     command = [sys.executable, __file__, *sys.argv[1:], "--worker", spec]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -99,6 +148,9 @@ def main() -> None:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if args.worker:
+        if args.worker == "api":
+            print("RESULT " + json.dumps(api_overhead(args)))
+            return
         mode, members, rank = args.worker.split(":")
         print("RESULT " + json.dumps(measure(args, mode, int(members), int(rank))))
         return
@@ -123,6 +175,8 @@ def main() -> None:
                     batched[row["rank"]]["completions_per_s"] / row["completions_per_s"], 2
                 )
         rows += group
+    if args.api_steps:
+        rows.append(run_worker("api"))
     write_table(rows, output_dir / "population.csv")
     plot(rows, output_dir / "population.png", args)
 
@@ -131,7 +185,7 @@ def plot(rows: list[dict], path: Path, args: PopulationBenchmarkArguments) -> No
     fig, ax = plt.subplots(figsize=(7, 4))
     series = {}
     for row in rows:
-        if "error" not in row:
+        if "error" not in row and row["mode"] in ("generate", "batched", "sequential"):
             label = (
                 "plain generate"
                 if row["mode"] == "generate"

@@ -124,11 +124,12 @@ def test_population_benchmark_compares_batched_sequential_and_plain_generation(t
     run_script("train.py", "--output_dir", str(start), *FAST_TRAINING, "--max_steps", "2", "--eval_steps", "0",
                "--save_steps", "0", "--log_with", "none")  # fmt: skip
     run_script("benchmark_population.py", "--model", str(start), "--members", "4", "--ranks", "1", "--prompts", "2",
-               "--max_new_tokens", "3", "--min_seconds", "0", "--output_dir", str(tmp_path))  # fmt: skip
+               "--max_new_tokens", "3", "--min_seconds", "0", "--api_steps", "4", "--output_dir", str(tmp_path))  # fmt: skip
     table = rows(tmp_path / "population.csv")
     assert [(r["mode"], r["rank"]) for r in table] == [("generate", ""), ("batched", "1"), ("sequential", "1"),
-                                                      ("sequential", "0")]  # fmt: skip
-    assert all(float(r["completions_per_s"]) > 0 and int(r["rows"]) == 8 for r in table)
+                                                      ("sequential", "0"), ("ESTrainer (Python API)", "1")]  # fmt: skip
+    assert all(float(r["completions_per_s"]) > 0 and int(r["rows"]) == 8 for r in table[:4])
+    assert float(table[4]["bare_step_seconds"]) > 0 and float(table[4]["api_overhead"]) > -1
     assert float(table[1]["speedup_vs_sequential"]) > 0 and (tmp_path / "population.png").stat().st_size > 0
 
 

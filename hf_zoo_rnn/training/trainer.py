@@ -145,6 +145,11 @@ class ZooTrainer:
             self.data_args, self.train_args.objective, self.train_args.rewards, self.model_args.init_from,
             self.batches.stream,
         )  # fmt: skip
+        if self.prompt_rows is not None:  # ESTrainer's datasets: validation is its eval_dataset, if any
+            held_out = self.prompt_rows["validation"]
+            self.validation_data = (
+                f"eval_dataset ({len(held_out)} prompts): their greedy completions' rewards" if held_out else "none"
+            )
         if self.accelerator.is_main_process:
             logger.warning("training on %s; validating on %s", self.training_data, self.validation_data)
 
