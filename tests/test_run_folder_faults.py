@@ -161,11 +161,12 @@ def test_a_manifest_names_only_and_all_the_files_of_its_checkpoint(finished, tmp
 
 def test_a_checkpoint_without_a_required_file_is_incomplete(finished, tmp_path):
     out = copy_run(finished, tmp_path)
-    for name in ("tokenizer.json", "process_0.json", "config.json"):
+    for name, message in (("tokenizer.json", "tokenizer.json is missing"), ("config.json", "config.json is missing"),
+                          ("process_0.json", "holds no process state")):  # fmt: skip
         checkpoint = shutil.copytree(out / "checkpoint-3", tmp_path / name)
         (checkpoint / name).unlink()
         write_manifest(checkpoint)  # a consistent manifest, as a partial copy re-signed would have
-        assert f"{name} is missing" in checkpoint_problem(checkpoint)
+        assert message in checkpoint_problem(checkpoint)
 
 
 # -- malformed files -------------------------------------------------------------------------------------------------

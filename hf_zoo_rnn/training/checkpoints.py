@@ -44,15 +44,16 @@ MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 # bytes per element of each safetensors dtype
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
-# every checkpoint holds one of each group (the first name: this version; the others: older versions)
+# every checkpoint holds one of each group (the first name: this version; the others: older versions), and the state
+# of at least one process (with a disk per machine, a machine's checkpoint holds only its own processes' states)
 REQUIRED_FILES = (
     ("trainer_state.json",),
     ("config.json",),
     ("model.safetensors", "model.safetensors.index.json"),
     ("optimizer.json", "optimizer.pt"),
-    ("process_0.json", "process_0.pt"),
     ("tokenizer.json",),
 )
+PROCESS_STATE = re.compile(r"^process_\d+\.(json|pt)$")
 
 
 class CheckpointError(ValueError):
@@ -392,6 +393,8 @@ def checkpoint_problem(folder: Path, follow_links: bool = False) -> str | None:
     for group in REQUIRED_FILES:
         if not files & set(group):
             return f"{folder / group[0]} is missing: {folder.name} is not a complete checkpoint"
+    if not any(PROCESS_STATE.match(name) for name in files):
+        return f"{folder} holds no process state (process_N.json): {folder.name} is not a complete checkpoint"
     try:
         if (folder / MANIFEST).is_file():
             if (problem := manifest_problem(folder, files)) is not None:

@@ -108,7 +108,7 @@ class RunStorage:
             damaged = checkpoints(self.output_dir)
             raise CheckpointError(
                 f"resume_from_checkpoint='latest' but {self.output_dir} holds no checkpoint"
-                + (f" that verifies ({len(damaged)} damaged: {checkpoint_problem(damaged[-1])})" if damaged else "")
+                + (f" that verifies ({len(damaged)} damaged: {newest_problem(damaged[-1])})" if damaged else "")
             )
         if not (path / "trainer_state.json").is_file():
             raise CheckpointError(f"{path} is not a complete checkpoint (no trainer_state.json)")
@@ -236,6 +236,11 @@ class RunStorage:
             self.pusher.push(folder, f"Training in progress, step {step}", ignore_patterns=RESUME_ONLY)
         elif strategy == "all_checkpoints":
             self.pusher.push(folder, f"Checkpoint {step} with resume state", path_in_repo=folder.name)
+
+
+def newest_problem(folder: Path) -> str:
+    """Why `folder` cannot resume: its own damage, or (a disk per machine) another machine's copy of it."""
+    return checkpoint_problem(folder) or f"{folder.name} is damaged or missing on another machine"
 
 
 def check_same_run(folder: Path, identities: dict[str, dict]) -> None:
