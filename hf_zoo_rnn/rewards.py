@@ -99,15 +99,27 @@ def reverse_exact(prompts: list[str], completions: list[str], **_) -> list[float
     return [float(answer_of(c) == p.strip()[::-1]) for p, c in zip(prompts, completions, strict=True)]
 
 
-def distinct_4(prompts: list[str], completions: list[str], **_) -> list[float]:
-    """The share of a completion's word 4-grams that are distinct: 1.0 for text that never repeats itself, low for
-    "the LORD, and the LORD, and the LORD". Fewer than 4 words score 0."""
+def distinct_ngrams(completions: list[str], n: int) -> list[float]:
+    """The share of each completion's word n-grams that are distinct, over the whole completion (linear in its
+    length): 1.0 for text that never repeats itself, low for a loop however long. Fewer than n words score 0."""
     rewards = []
     for completion in completions:
         words = completion.split()
-        grams = [tuple(words[i : i + 4]) for i in range(len(words) - 3)]
+        grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
         rewards.append(len(set(grams)) / len(grams) if grams else 0.0)
     return rewards
+
+
+def distinct_4(prompts: list[str], completions: list[str], **_) -> list[float]:
+    """The share of a completion's word 4-grams that are distinct: 1.0 for text that never repeats itself, low for
+    "the LORD, and the LORD, and the LORD". Fewer than 4 words score 0."""
+    return distinct_ngrams(completions, 4)
+
+
+def distinct_3(prompts: list[str], completions: list[str], **_) -> list[float]:
+    """The share of a completion's word trigrams that are distinct, over the whole completion: with completions as
+    long as people read (hundreds of tokens) it sees a loop that a short window misses. Fewer than 3 words score 0."""
+    return distinct_ngrams(completions, 3)
 
 
 class Fluency:
@@ -144,7 +156,7 @@ class Fluency:
         return rewards
 
 
-BUILT_IN = {"add_exact": add_exact, "reverse_exact": reverse_exact, "distinct_4": distinct_4}
+BUILT_IN = {"add_exact": add_exact, "reverse_exact": reverse_exact, "distinct_3": distinct_3, "distinct_4": distinct_4}
 
 
 def load_reward_function(spec: str) -> RewardFunction:

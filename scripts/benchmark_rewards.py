@@ -56,7 +56,15 @@ from hf_zoo_rnn.data import BUILTIN_KJV, PackedStream, open_text_source  # noqa:
 from hf_zoo_rnn.data.prompts import PROMPT_TASKS, PromptBatch, PromptStream  # noqa: E402
 from hf_zoo_rnn.estimators.policy_gradient import OneStepPolicyGradient  # noqa: E402
 from hf_zoo_rnn.estimators.zero_order import EvolutionStrategiesStep  # noqa: E402
-from hf_zoo_rnn.rewards import Fluency, RewardObjective, add_exact, distinct_4, member_seed, reverse_exact  # noqa: E402
+from hf_zoo_rnn.rewards import (  # noqa: E402
+    Fluency,
+    RewardObjective,
+    add_exact,
+    distinct_3,
+    distinct_4,
+    member_seed,
+    reverse_exact,
+)
 from hf_zoo_rnn.training.evaluation import kl_to_reference, language_model_metrics  # noqa: E402
 from hf_zoo_rnn.training.reporting import write_table  # noqa: E402
 from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer  # noqa: E402
@@ -93,7 +101,10 @@ class RewardBenchmarkArguments:
     ce_lr: float = field(default=3e-3, metadata={"help": "ce: the AdamW lr (the start's own, for a task)"})
     prompts_per_step: int = field(default=8, metadata={"help": "prompts per step (ES, GRPO, PG alike)"})
     group: int = field(default=8, metadata={"help": "GRPO / PG completions per prompt"})
-    max_new_tokens: int = field(default=40, metadata={"help": "completion length (kjv; a task's is its answer's)"})
+    max_new_tokens: int = field(default=160, metadata={"help": "completion length (kjv; a task's is its answer's)"})
+    read_lengths: list[int] = field(
+        default_factory=lambda: [40, 120, 400], metadata={"help": "kjv: held-out greedy distinct-3 at these lengths"}
+    )
     task_max_length: int = field(default=10, metadata={"help": "a task's training lengths U[2, L]"})
     eval_prompts: int = field(default=64, metadata={"help": "held-out prompts evaluated"})
     memory: bool = field(default=False, metadata={"help": "also: peak RSS of an ES step against generation"})
@@ -119,7 +130,7 @@ def rewards_of(args: RewardBenchmarkArguments, start, tokenizer) -> tuple[list, 
     """The setting's reward functions and weights (as configs/train/rewards-kjv.yaml for kjv)."""
     if args.is_task:
         return [TASK_REWARDS[args.prompts]], [1.0]
-    return [distinct_4, Fluency(start, tokenizer)], [1.0, 0.1]
+    return [distinct_3, Fluency(start, tokenizer)], [1.0, 0.1]
 
 
 def held_out(args: RewardBenchmarkArguments, split: str = "validation", count: int | None = None):
@@ -153,8 +164,14 @@ def evaluate(model, start, tokenizer, args: RewardBenchmarkArguments) -> dict:
             "reward": statistics.mean(greedy.scored(batch.prompts, completions, batch.columns)),
             "eval_loss": language_model_metrics(model, text, 4)["eval_loss"],
         }
+        for length in args.read_lengths:  # repetition at the lengths people read, beyond the reward's window
+            texts = RewardObjective(tokenizer, [distinct_3], [1.0], length).completions(model, batch.prompts)
+            results[f"distinct_3@{length}"] = statistics.mean(distinct_3(batch.prompts, texts))
+        long_samples = [p + " |" + c for p, c in zip(batch.prompts[:2], texts[:2], strict=True)]
     results["kl_to_start"] = kl_to_reference(model, start, tokenizer, batch.prompts, completions)
     results["samples"] = [p + " |" + c for p, c in zip(batch.prompts[:3], completions[:3], strict=True)]
+    if not args.is_task:
+        results["samples"] += [f"({args.read_lengths[-1]} tokens) {sample}" for sample in long_samples]
     return results
 
 

@@ -11,7 +11,7 @@ from accelerate.state import AcceleratorState
 from conftest import ROOT
 from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, TrainerCallback
 
 from hf_zoo_rnn import ESConfig, ESTrainer
 from hf_zoo_rnn.data.prompts import PromptStream
@@ -103,12 +103,18 @@ def test_callbacks_see_trls_metric_names_and_none_rewards_are_left_out(start, tm
     recorder = Recorder()
     config = ESConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=3, logging_steps=1,
                       save_steps=1, population_size=4, max_completion_length=4, use_cpu=True)  # fmt: skip
-    ESTrainer(str(start), [exact_sum, digits], config, Dataset.from_dict({"prompt": PROMPTS}),
-              callbacks=[recorder]).train()  # fmt: skip
+    trainer = ESTrainer(str(start), [exact_sum, digits], config, Dataset.from_dict({"prompt": PROMPTS}),
+                        callbacks=[recorder])  # fmt: skip
+    trainer.train()
     names = {"reward", "reward_std", "rewards/exact_sum/mean", "rewards/exact_sum/std", "rewards/digits/mean",
              "frac_reward_zero_std", "completions/mean_length", "completions/min_length", "completions/max_length"}  # fmt: skip
     assert names <= set(recorder.logs[0]) and all(math.isfinite(recorder.logs[0][n]) for n in names)
     assert recorder.events[:3] == [("step", 1), ("save", 1), ("step", 2)] and recorder.events[-1] == ("end", 2)
+    trainer.args.hub_model_id = "tester/es-trainer"  # the suite's loopback Hub (conftest)
+    assert "es-trainer" in trainer.push_to_hub()
+    pushed = AutoModelForCausalLM.from_pretrained("tester/es-trainer")
+    local = load_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.equal(pushed.state_dict()[k], v) for k, v in local.items())
 
 
 def test_any_causal_lm_trains_member_by_member(bpe_tokenizer, tmp_path):

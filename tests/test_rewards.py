@@ -20,6 +20,7 @@ from hf_zoo_rnn.rewards import (
     RewardError,
     add_exact,
     combined_rewards,
+    distinct_3,
     distinct_4,
     load_reward_function,
     member_seed,
@@ -34,6 +35,8 @@ def test_built_in_rewards_check_the_answer_they_compute():
     assert reverse_exact(["abc "], ["cba  and more"]) == [1.0]
     assert distinct_4([""], ["the LORD and the LORD and the LORD and the"]) == [pytest.approx(3 / 7)]
     assert distinct_4([""], ["a b c d e f"]) == [1.0] and distinct_4([""], ["too short"]) == [0.0]
+    loop = " ".join(["the LORD said unto him,"] * 30)  # a loop longer than a 40-token window still repeats
+    assert distinct_3([""], [loop]) == [pytest.approx(5 / 148)] and distinct_3([""], ["a b c d"]) == [1.0]
     assert pass_at_k([0.0, 1.0, 0.0, 0.0, math.nan, 0.5], 2) == [1.0, 0.0, 0.5]
 
 
