@@ -116,9 +116,9 @@ def matmul_recurrence(r):
 
 def lstm_cell(recurrent, x, h, c):
     """One LSTM step, the cell written once for every forward: x [4, ..., D] the gates' projected inputs with their
-    biases; `recurrent(h)` gives the recurrent terms, gate g's as `recurrent(h)(g)` (a fresh tensor: the cell adds
-    to it in place). The model's hook is a plain matmul (`matmul_recurrence`); a population's adds each member's
-    change. Gates (i, f, z, o). Returns (h, c)."""
+    biases; `recurrent(h)` gives the recurrent terms, gate g's as `recurrent(h)(g)` (a tensor the cell may add to
+    in place: a fresh one, or that gate's own slice of one). The model's hook is a plain matmul
+    (`matmul_recurrence`); a population's adds each member's change. Gates (i, f, z, o). Returns (h, c)."""
     rh = recurrent(h)
     i = torch.sigmoid(rh(0).add_(x[0]))
     f = torch.sigmoid(rh(1).add_(x[1]))

@@ -5,8 +5,9 @@
 Every function is called with TRL's keywords: prompts, completions, completion_ids, trainer_state and every other
 column of the prompts' dataset. A value may be a NumPy number; None means "not applicable" (left out of the sum).
 
-Built in: exact match for the paper's `add` (checked by computing the sum) and `reverse` tasks, the distinct-4-gram
-ratio of a continuation, and the fluency of a continuation under a frozen model (its mean token log-probability).
+Built in: exact match for the paper's `add` (checked by computing the sum) and `reverse` tasks, the distinct-3- and
+distinct-4-gram ratios of a whole continuation, and the fluency of a continuation under a frozen model (its mean
+token log-probability).
 `pass_at_k` scores k samples per prompt by the best of them. A user's function is named `module:function`.
 """
 
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers import GenerationConfig
 
 from .data.tasks import IGNORE_INDEX, answer_batch
 from .forwards.population import members_generate
@@ -49,35 +51,41 @@ class RewardTimeout(BaseException):
 
 
 class RewardCall:
-    """Whether a reward function is running now (a stop request may then interrupt it), and its deadline."""
+    """Whether a reward function is running now, and whether a stop request may interrupt it (`interruptible`: the
+    trainer allows it only inside a training step); and a call's deadline."""
 
     active = False
+    interruptible = False
 
     @classmethod
     @contextlib.contextmanager
     def guarded(cls, name: str, timeout: float):
         """Run a reward call under `timeout` seconds (0: none; the main thread only: signals reach no other)."""
         timeout = timeout if threading.current_thread() is threading.main_thread() else 0
-        previous = None
+        previous, outer = None, (0.0, 0.0)
         if timeout:
 
             def expired(signum, frame):
                 raise RewardTimeout
 
             previous = signal.signal(signal.SIGALRM, expired)
-            signal.setitimer(signal.ITIMER_REAL, timeout)
+            outer = signal.setitimer(signal.ITIMER_REAL, timeout)
         cls.active = True
         try:
-            yield
+            try:
+                yield
+            finally:
+                if timeout:  # disarm first: nothing may fire once the call is over
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
+                    if outer[0]:  # a timer the host had set (a test runner's, say) runs on
+                        signal.setitimer(signal.ITIMER_REAL, *outer)
+                cls.active = False
         except RewardTimeout:
             raise RewardError(
-                f"reward function {name} did not return within {timeout:g} s (--reward_timeout)"
+                f"reward function {name} did not return within {timeout:g} s (--reward_timeout; one call scores "
+                "every member's completions of a step)"
             ) from None
-        finally:
-            cls.active = False
-            if timeout:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, previous)
 
 
 def answer_of(completion: str) -> str:
@@ -262,24 +270,27 @@ class RewardObjective:
         self.completion_lengths: list[int] = []  # the last call's completions, in tokens
 
     def encoded(self, prompts: list[str]):
-        """The prompts left-padded into one batch."""
-        self.tokenizer.padding_side = "left"
-        return self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        """The prompts left-padded into one batch (the tokenizer's own padding side is left as it is)."""
+        return self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
 
     @torch.inference_mode()
     def completions(self, model, prompts: list[str], seed: int | None = None) -> list[str]:
         """`samples` completions per prompt, prompt by prompt in order, from the model's own `generate`: any causal
         LM, its weights as they are."""
         encoded = self.encoded(prompts)
-        options = {"do_sample": self.do_sample, "num_return_sequences": self.samples}
-        if self.do_sample:
-            options.update(temperature=self.temperature, top_k=0)
+        # a configuration of its own: the model's generation_config may hold processors (a repetition penalty, top_p)
+        # that the batched population does not apply; both decode exactly greedy or softmax(logits / T) samples
+        config = GenerationConfig(
+            max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_return_sequences=self.samples,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=model.generation_config.eos_token_id,
+            **({"temperature": self.temperature, "top_k": 0, "top_p": 1.0} if self.do_sample else {}),
+        )  # fmt: skip
         with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
             if seed is not None:
                 torch.manual_seed(seed)
             output = model.generate(
                 encoded.input_ids.to(model.device), attention_mask=encoded.attention_mask.to(model.device),
-                max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **options,
+                generation_config=config,
             )  # fmt: skip
         return self.tokenizer.batch_decode(output[:, encoded.input_ids.shape[1] :], skip_special_tokens=True)
 

@@ -150,7 +150,8 @@ def test_the_python_api_equals_the_command_line_bitwise_and_resumes_bitwise(star
         "--output_dir", str(tmp_path / "cli"), "--objective", "reward", "--init_from", str(start), "--prompts",
         str(rows), "--rewards", "test_es_trainer:exact_sum,test_es_trainer:digits", "--reward_weights", "1,0.1",
         "--local_gradient", "none", "--zo_num_probes", "4", "--zo_eps", "0.05", "--zo_lr", "0.01",
-        "--zo_update_rule", "adam", "--zo_lr_schedule", "constant", "--zo_warmup_steps", "0", "--zo_loss_shaping",
+        "--zo_update_rule", "adam", "--zo_lr_schedule", "constant", "--zo_warmup_steps", "0", "--anchor_decay", "0.1",
+        "--zo_loss_shaping",
         "per_prompt", "--zo_perturbation", "lowrank", "--zo_perturbation_rank", "2", "--batch_size", "3",
         "--max_new_tokens", "4", "--max_steps", "4", "--save_steps", "2", "--eval_steps", "0", "--logging_steps", "1",
         "--log_with", "none",
@@ -160,6 +161,7 @@ def test_the_python_api_equals_the_command_line_bitwise_and_resumes_bitwise(star
         AcceleratorState._reset_state(reset_partial_state=True)
         config = ESConfig(output_dir=str(tmp_path / folder), max_steps=steps, per_device_train_batch_size=3,
                           population_size=8, sigma=0.05, learning_rate=0.01, rank=2, fitness_shaping="per_prompt",
+                          anchor_decay=0.1,
                           max_completion_length=4, save_steps=2, logging_steps=1, use_cpu=True, seed=0,
                           reward_weights=[1.0, 0.1])  # fmt: skip
         ESTrainer(str(start), [exact_sum, digits], config, train, held_out).train(resume_from_checkpoint=resume)

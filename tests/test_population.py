@@ -141,3 +141,17 @@ def test_the_es_step_in_one_batch_equals_members_one_at_a_time(bpe_tokenizer, sa
     for (name, a), b in zip(batched_model.named_parameters(), alone_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8, msg=name)
     assert not torch.equal(batched_model.lm_head.weight, start.lm_head.weight)  # it moved
+
+
+def test_low_rank_members_run_on_a_bf16_model():
+    """The members' changes come in fp32 (Perturber.members); a bf16 model (CUDA's default for reward training)
+    runs them in its own dtype."""
+    from hf_zoo_rnn.forwards.population import members_loss
+
+    model, zo, changes, members = population({}, rank=1)
+    model = model.to(torch.bfloat16)
+    ids, mask = left_padded_prompts(2)
+    out = members_generate(model, changes, ids, mask, 3, pad_token_id=PAD, eos_token_id=EOS)
+    assert out.shape == (len(members), 2, 3)
+    losses = members_loss(model, changes, ids, ids)
+    assert losses.shape == (len(members),) and torch.isfinite(losses).all()

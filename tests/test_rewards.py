@@ -211,7 +211,7 @@ def test_a_hung_reward_meets_its_deadline_and_bad_specs_are_one_line(add_model, 
     flag.touch()
     monkeypatch.setenv("SLOW_REWARD_FLAG", str(flag))
     started = time.perf_counter()
-    with pytest.raises(RewardError, match=r"slow_when_flagged did not return within 1 s \(--reward_timeout\)"):
+    with pytest.raises(RewardError, match=r"slow_when_flagged did not return within 1 s \(--reward_timeout; one call"):
         combined_rewards([slow_when_flagged], [1.0], ["p"], ["a"], {}, timeout=1.0)
     assert time.perf_counter() - started < 10
     broken = tmp_path / "broken_reward_module.py"
@@ -247,3 +247,18 @@ def test_sigterm_during_a_slow_reward_saves_at_once_and_the_resume_is_bitwise(ad
                    timeout=600)  # fmt: skip
     whole, stopped = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "stopped"))
     assert all(torch.equal(whole[k], stopped[k]) for k in whole)
+
+
+def test_a_reward_deadline_leaves_the_hosts_timer_and_handler_as_they_were():
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(1))
+    signal.setitimer(signal.ITIMER_REAL, 30)
+    try:
+        combined_rewards([distinct_4], [1.0], ["p"], ["a b c d e"], {}, timeout=5)
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 0 < remaining <= 30 and not fired  # the outer timer runs on, its handler back in place
+        assert signal.getsignal(signal.SIGALRM) is not None and signal.getsignal(signal.SIGALRM)(0, None) is None
+        assert fired == [1]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -40,6 +40,12 @@ def population_loss(
     )
 
 
+def gathered(accelerator, values: torch.Tensor) -> torch.Tensor:
+    """Every process's `values` concatenated in rank order, on the CPU (the collective runs on the processes' device:
+    NCCL takes no CPU tensors), so that every process reduces them with the same arithmetic."""
+    return accelerator.gather(values.to(accelerator.device)).cpu()
+
+
 class ZeroOrderStep:
     """Probes alone: CD-RGE (or its guided / low-rank variants) on each batch's next-token loss."""
 
@@ -74,7 +80,7 @@ class ZeroOrderStep:
             loss_fn,
             rank=self.accelerator.process_index,
             world_size=world_size,
-            gather=self.accelerator.gather,
+            gather=partial(gathered, self.accelerator),
             population_loss=population,
             clean_loss=clean_loss,
             surrogates=surrogates,
@@ -137,10 +143,11 @@ class EvolutionStrategiesStep:
         rewards = self.objective.member_rewards(batch.prompts, completions, batch.columns)  # [members, P]
         seconds = time.perf_counter() - started
         local = -rewards.view(len(population.probes), len(population.scales), -1)  # losses [k, 2, P]
-        losses = accelerator.gather(local) if accelerator.num_processes > 1 else local
+        losses = gathered(accelerator, local) if accelerator.num_processes > 1 else local
         stats = self.zo.tell(population, losses, rank=accelerator.process_index, seconds_forward=seconds)
         report = ZeroOrderStep.report(stats, sent=local.numel() * 8 if accelerator.num_processes > 1 else 0)
-        self.samples = [(prompt, completion) for prompt, completion in zip(batch.prompts, completions[0], strict=False)]
+        first_samples = completions[0][:: self.objective.samples]  # the first member's first sample per prompt
+        self.samples = list(zip(batch.prompts, first_samples, strict=True))
         report.tokens = 2 * self.probes * len(batch.prompts) * self.objective.samples * self.objective.max_new_tokens
         report.metrics.update(self.reward_metrics(losses, nonfinite), generated_tokens=report.tokens)
         return report

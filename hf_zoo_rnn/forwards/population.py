@@ -252,6 +252,8 @@ class MemberForward:
     (`members_loss`) and generation (`members_generate`)."""
 
     def __init__(self, model: ZooRnnForCausalLM, changes: dict):
+        dtype = model.model.embeddings.weight.dtype  # changes come in at least fp32 (Perturber.members): a bf16 model
+        changes = {name: (change[0], *(t.to(dtype) for t in change[1:])) for name, change in changes.items()}
         self.model, self.changes = model, changes
         config = model.config
         self.members = next(iter(changes.values()))[1].shape[0]

@@ -200,7 +200,10 @@ class TrainArguments:
     reward_weights: str = field(default="", metadata={"help": "one weight per reward (default: 1 each)"})
     reward_timeout: float = field(
         default=300.0,
-        metadata={"help": "seconds one reward function's call may take before the run stops with an error (0: none)"},
+        metadata={
+            "help": "seconds one reward function's call (every member's completions of a step) may take before the "
+            "run stops with an error (0: none)"
+        },
     )
     reward_samples: int = field(default=1, metadata={"help": "completions per prompt and member (sampled when > 1)"})
     reward_aggregation: str = field(

@@ -16,6 +16,7 @@ import logging
 import math
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerControl, TrainerState
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
@@ -84,6 +85,8 @@ class ESTrainer:
         self.model_name = model if isinstance(model, str) else getattr(model, "name_or_path", "") or "a model object"
         if isinstance(model, str):
             model = AutoModelForCausalLM.from_pretrained(model)
+        if self.args.bf16:  # no gradients to keep in fp32: the members run, and the update writes, bf16 weights
+            model = model.to(torch.bfloat16)
         if not isinstance(model, PreTrainedModel):
             raise ESConfigError(f"ESTrainer's model must be a Hub id, a folder or a PreTrainedModel, got {model!r}")
         self.model = model
@@ -153,9 +156,9 @@ class ESTrainer:
             reward_weights=",".join(str(w) for w in config.reward_weights or []), reward_timeout=config.reward_timeout,
             reward_samples=config.num_generations, max_new_tokens=config.max_completion_length,
             do_sample=not config.greedy or config.num_generations > 1, temperature=config.temperature, anchor_decay=config.anchor_decay,
-            optimizer="zo", local_gradient="none", logging_steps=max(1, int(config.logging_steps)),
-            eval_steps=int(config.eval_steps or config.logging_steps) if plain(config.eval_strategy) == "steps" else 0,
-            save_steps=int(config.save_steps) if plain(config.save_strategy) == "steps" else 0,
+            optimizer="zo", local_gradient="none", logging_steps=self.steps(config.logging_steps),
+            eval_steps=self.steps(config.eval_steps or config.logging_steps) if plain(config.eval_strategy) == "steps" else 0,
+            save_steps=self.steps(config.save_steps) if plain(config.save_strategy) == "steps" else 0,
             save_total_limit=config.save_total_limit or 2, log_with=",".join(report_to) or "none",
             push_to_hub=config.push_to_hub, hub_model_id=config.hub_model_id, hub_token=config.hub_token,
             hub_private=bool(config.hub_private_repo), resume_from_checkpoint=resume_from_checkpoint,
@@ -164,7 +167,8 @@ class ESTrainer:
         zo_config = ZOConfig(
             num_probes=config.population_size // 2, eps=config.sigma, lr=config.learning_rate,
             update_rule=config.update_rule, loss_shaping=config.fitness_shaping,
-            lr_schedule=plain(config.lr_scheduler_type), warmup_steps=config.warmup_steps, total_steps=self.max_steps(),
+            lr_schedule=plain(config.lr_scheduler_type), warmup_steps=self.steps(config.warmup_steps, floor=0),
+            total_steps=self.max_steps(),
             perturbation="full" if config.rank is None else "lowrank", perturbation_rank=config.rank or 1,
             seed=config.seed,
         )  # fmt: skip
@@ -173,6 +177,11 @@ class ESTrainer:
         except ConfigFileError as error:
             raise ESConfigError(str(error)) from None
         return model_args, data_args, train_args, zo_config
+
+    def steps(self, value: float, floor: int = 1) -> int:
+        """A step count as TrainingArguments reads one: below 1, a ratio of max_steps."""
+        count = math.ceil(value * self.max_steps()) if 0 < value < 1 else int(value)
+        return max(floor, count)
 
     def max_steps(self) -> int:
         if self.args.max_steps > 0:

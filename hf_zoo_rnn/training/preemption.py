@@ -65,7 +65,7 @@ class StopRequests:
             signal.raise_signal(signum)
             return
         self.signum = signum
-        if self.interrupt_rewards and RewardCall.active:
+        if self.interrupt_rewards and RewardCall.active and RewardCall.interruptible:
             raise RewardInterrupted(signum)
 
     def requested(self, accelerator) -> int:

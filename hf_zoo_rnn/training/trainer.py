@@ -30,7 +30,7 @@ from ..data import BUILTIN_KJV, PackedStream, build_tokenizer, open_text_source,
 from ..data.prompts import PromptStream
 from ..estimators import StepReport, build_step
 from ..modeling_zoo_rnn import ZooRnnForCausalLM
-from ..rewards import RewardInterrupted, RewardObjective
+from ..rewards import RewardCall, RewardInterrupted, RewardObjective
 from ..zo import ZOConfig
 from .arguments import DataArguments, ModelArguments, TrainArguments
 from .checkpoints import CheckpointError, latest_checkpoint
@@ -122,11 +122,11 @@ class ZooTrainer:
         self.storage.claim()
         self.resume_dir = self.storage.resume_folder({"data": self.data_identity(), "run": self.run_identity()})
         self.tokenizer = self.load_tokenizer()
+        start = None  # a given model's starting weights, frozen (what an anchor decays toward), before a resume
+        if self.given_model is not None and self.train_args.anchor_decay:
+            start = copy.deepcopy(self.given_model).to(self.accelerator.device)
         self.model = self.load_model()
         self.batches = BatchSource(lambda: self.make_stream(validation=False), self.data_args, self.accelerator.device)
-        start = None  # a given model's frozen copy: what an anchor decays toward
-        if self.given_model is not None and self.train_args.anchor_decay:
-            start = copy.deepcopy(self.given_model)
         built = build_step(self.model, self.model_args, self.data_args, self.train_args, self.zo_config,
                            self.accelerator, self.batches.next_batch, self.tokenizer,
                            reward_functions=self.reward_functions, start_model=start)  # fmt: skip
@@ -281,6 +281,7 @@ class ZooTrainer:
             position = self.batches.state_dict() if self.reward is not None else None
             batch = self.batches.next_batch()
             step_started = time.perf_counter()
+            RewardCall.interruptible = True  # only a step can be abandoned (not an evaluation, not a save)
             try:
                 report = self.step.step(batch)
             except RewardInterrupted as stop:  # a slow reward: abandon the step, resume reads its prompts again
@@ -292,6 +293,8 @@ class ZooTrainer:
                     f"stopped by {signal.Signals(stop.signum).name} during step {self.counters['step'] + 1}'s rewards: "
                     f"saved {folder}; continue with --resume_from_checkpoint latest",
                 ) from None
+            finally:
+                RewardCall.interruptible = False
             training_seconds += time.perf_counter() - step_started
             step = self.count(report)
             metrics = report.metrics
