@@ -12,10 +12,7 @@ the rewards-kjv shape (--api_steps). Writes population.csv and population.png.
 """
 
 import json
-import os
 import resource
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +28,7 @@ from hf_zoo_rnn.data import BUILTIN_KJV  # noqa: E402
 from hf_zoo_rnn.data.prompts import PromptStream  # noqa: E402
 from hf_zoo_rnn.estimators.zero_order import EvolutionStrategiesStep  # noqa: E402
 from hf_zoo_rnn.rewards import RewardObjective, distinct_4  # noqa: E402
-from hf_zoo_rnn.training.reporting import write_table  # noqa: E402
+from hf_zoo_rnn.training.reporting import RESULT, run_worker, write_table  # noqa: E402
 from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer  # noqa: E402
 
 
@@ -47,10 +44,6 @@ class PopulationBenchmarkArguments:
     api_steps: int = field(default=40, metadata={"help": "steps of the ESTrainer overhead row (0: none)"})
     output_dir: str = field(default="outputs/benchmarks", metadata={"help": "where population.csv/png go"})
     worker: str | None = field(default=None, metadata={"help": "internal: MODE:MEMBERS:RANK in this process"})
-
-
-class OneProcess:
-    process_index, num_processes = 0, 1
 
 
 def repeated(run, min_seconds: float) -> tuple[float, int]:
@@ -77,7 +70,7 @@ def measure(args: PopulationBenchmarkArguments, mode: str, members: int, rank: i
         perturbation = {"perturbation": "lowrank", "perturbation_rank": rank} if rank else {}
         config = ZOConfig(num_probes=members // 2, eps=0.01, lr=1e-3, update_rule="adam", loss_shaping="zscore",
                           **perturbation)  # fmt: skip
-        step = EvolutionStrategiesStep(model, ZOOptimizer(model, config), objective, OneProcess(), run_seed=0)
+        step = EvolutionStrategiesStep(model, ZOOptimizer(model, config), objective, run_seed=0)
         step.batched = mode == "batched"
         seconds, calls = repeated(lambda: step.step(prompts), args.min_seconds)
     completions = members * args.prompts
@@ -103,7 +96,7 @@ def api_overhead(args: PopulationBenchmarkArguments) -> dict:
     config = ZOConfig(num_probes=32, eps=0.01, lr=1e-3, update_rule="adam", loss_shaping="zscore",
                       perturbation="lowrank")  # fmt: skip
     objective = RewardObjective(tokenizer, [distinct_4], [1.0], args.max_new_tokens)
-    step = EvolutionStrategiesStep(model, ZOOptimizer(model, config), objective, OneProcess(), run_seed=0)
+    step = EvolutionStrategiesStep(model, ZOOptimizer(model, config), objective, run_seed=0)
     stream = iter(PromptStream("rows", "train", args.prompts, 0, rows=rows))
     bare = []
     for _ in range(args.api_steps):
@@ -134,36 +127,27 @@ def api_overhead(args: PopulationBenchmarkArguments) -> dict:
             "api_overhead": round(api_s / bare_s - 1, 4)}  # fmt: skip
 
 
-def run_worker(spec: str) -> dict:
-    command = [sys.executable, __file__, *sys.argv[1:], "--worker", spec]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    if result.returncode != 0 or not lines:
-        return {"mode": spec, "error": (result.stderr.strip().splitlines() or ["?"])[-1][:300]}
-    return json.loads(lines[0][len("RESULT ") :])
-
-
 def main() -> None:
     (args,) = HfArgumentParser(PopulationBenchmarkArguments).parse_args_into_dataclasses()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if args.worker:
         if args.worker == "api":
-            print("RESULT " + json.dumps(api_overhead(args)))
+            print(RESULT + json.dumps(api_overhead(args)))
             return
         mode, members, rank = args.worker.split(":")
-        print("RESULT " + json.dumps(measure(args, mode, int(members), int(rank))))
+        print(RESULT + json.dumps(measure(args, mode, int(members), int(rank))))
         return
     rows = []
     for members in args.members:
-        plain = run_worker(f"generate:{members}:0")
+        plain = run_in_worker(f"generate:{members}:0")
         group = [plain]
         for rank in args.ranks:
-            group.append(run_worker(f"batched:{members}:{rank}"))
+            group.append(run_in_worker(f"batched:{members}:{rank}"))
             if members <= args.sequential_max_members:
-                group.append(run_worker(f"sequential:{members}:{rank}"))
+                group.append(run_in_worker(f"sequential:{members}:{rank}"))
         if members <= args.sequential_max_members:
-            group.append(run_worker(f"sequential:{members}:0"))  # full-rank members: the paper's directions
+            group.append(run_in_worker(f"sequential:{members}:0"))  # full-rank members: the paper's directions
         for row in group[1:]:
             if "error" not in row and "error" not in plain:
                 row["share_of_generate"] = round(row["completions_per_s"] / plain["completions_per_s"], 3)
@@ -176,7 +160,7 @@ def main() -> None:
                 )
         rows += group
     if args.api_steps:
-        rows.append(run_worker("api"))
+        rows.append(run_in_worker("api"))
     write_table(rows, output_dir / "population.csv")
     plot(rows, output_dir / "population.png", args)
 
@@ -201,6 +185,11 @@ def plot(rows: list[dict], path: Path, args: PopulationBenchmarkArguments) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def run_in_worker(spec: str) -> dict:
+    """One measurement in a fresh process (one thread): its row, or a row naming its error."""
+    return run_worker(__file__, spec, "mode")
 
 
 if __name__ == "__main__":

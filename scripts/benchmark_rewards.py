@@ -69,7 +69,7 @@ from hf_zoo_rnn.rewards import (  # noqa: E402
     reverse_exact,
 )
 from hf_zoo_rnn.training.evaluation import kl_to_reference, language_model_metrics  # noqa: E402
-from hf_zoo_rnn.training.reporting import write_table  # noqa: E402
+from hf_zoo_rnn.training.reporting import RESULT, run_worker, write_table  # noqa: E402
 from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,12 +77,6 @@ METHODS = ("es", "es_pass4", "grpo", "one_step_pg", "ce")
 SETTINGS = (BUILTIN_KJV, *PROMPT_TASKS)
 TASK_REWARDS = {"add": add_exact, "reverse": reverse_exact}
 PASS_K = 4
-
-
-class OneProcess:
-    """What the ES step needs of an Accelerator, for one process."""
-
-    process_index, num_processes = 0, 1
 
 
 @dataclass
@@ -343,7 +337,7 @@ def memory_worker(args: RewardBenchmarkArguments, mode: str, length: int) -> dic
         objective = RewardObjective(tokenizer, *rewards_of(args, start, tokenizer), length)
         config = ZOConfig(num_probes=32, eps=0.01, lr=1e-3, update_rule="adam", loss_shaping="zscore",
                           perturbation="lowrank")  # fmt: skip
-        step = EvolutionStrategiesStep(model, ZOOptimizer(model, config), objective, OneProcess(), run_seed=0)
+        step = EvolutionStrategiesStep(model, ZOOptimizer(model, config), objective, run_seed=0)
         run = partial(step.step, PromptBatch(prompts))
     before, peak = rss_peak_during(run)
     return {"mode": mode, "completion_tokens": length, "rss_before_mb": round(before, 1),
@@ -417,7 +411,7 @@ def main() -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     if args.worker:
         torch.set_num_threads(1)
-        print("RESULT " + json.dumps(worker(args, args.worker, output_dir)))
+        print(RESULT + json.dumps(worker(args, args.worker, output_dir)))
         return
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or args.prompts not in SETTINGS:
@@ -430,20 +424,20 @@ def main() -> None:
     first, rest = args.seeds[0], args.seeds[1:]
     for method in args.methods:
         if method in ("es", "es_pass4"):
-            rows += [run_worker(f"{method}:{seed}:{population}") for population in args.es_populations
+            rows += [run_in_worker(f"{method}:{seed}:{population}") for population in args.es_populations
                      for seed in args.seeds]  # fmt: skip
             continue
         if method != "grpo":
-            rows += [run_worker(f"{method}:{seed}") for seed in args.seeds]
+            rows += [run_in_worker(f"{method}:{seed}") for seed in args.seeds]
             continue
-        sweep = [run_worker(f"grpo:{first}:{lr}") for lr in args.grpo_lrs]
+        sweep = [run_in_worker(f"grpo:{first}:{lr}") for lr in args.grpo_lrs]
         rows += sweep
         best = max((r for r in sweep if "error" not in r), key=score, default=None)
         if best is not None:
             lr = best["method"].split("lr=")[1]
-            rows += [run_worker(f"grpo:{seed}:{lr}") for seed in rest]
+            rows += [run_in_worker(f"grpo:{seed}:{lr}") for seed in rest]
     if args.memory:
-        table = [run_worker(f"memory-{mode}:{length}") for length in args.memory_lengths
+        table = [run_in_worker(f"memory-{mode}:{length}") for length in args.memory_lengths
                  for mode in ("generate", "es_step")]  # fmt: skip
         write_table(table, output_dir / "rewards_memory.csv")
     samples = ["# Samples (held-out prompts | continuation)", ""]
@@ -453,16 +447,6 @@ def main() -> None:
     (output_dir / f"rewards_{args.prompts}_samples.md").write_text("\n".join(samples))
     write_table(rows, output_dir / f"rewards_{args.prompts}.csv")
     plot(rows, output_dir / f"rewards_{args.prompts}.png", args)
-
-
-def run_worker(spec: str) -> dict:
-    """One measurement in a fresh process (one thread): its result row, or a row naming its error."""
-    command = [sys.executable, __file__, *sys.argv[1:], "--worker", spec]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    if result.returncode != 0 or not lines:
-        return {"method": spec, "error": (result.stderr.strip().splitlines() or ["?"])[-1][:300]}
-    return json.loads(lines[0][len("RESULT ") :])
 
 
 def plot(rows: list[dict], path: Path, args: RewardBenchmarkArguments) -> None:
@@ -484,6 +468,11 @@ def plot(rows: list[dict], path: Path, args: RewardBenchmarkArguments) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def run_in_worker(spec: str) -> dict:
+    """One measurement in a fresh process (one thread): its row, or a row naming its error."""
+    return run_worker(__file__, spec, "method")
 
 
 if __name__ == "__main__":

@@ -73,3 +73,17 @@ def train_losses(output_dir: Path) -> list[float]:
     """The train loss of every logged step of a finished run."""
     lines = (output_dir / "metrics.jsonl").read_text().splitlines()
     return [record["train_loss"] for record in map(json.loads, lines) if "train_loss" in record]
+
+
+def train_add_model(out: Path, max_steps: int) -> Path:
+    """A char LSTM trained for a few seconds on `add` with labels: a starting point for training on rewards."""
+    from accelerate.state import AcceleratorState
+
+    from hf_zoo_rnn.training import ZooTrainer, parse_arguments
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    ZooTrainer(*parse_arguments([
+        "--output_dir", str(out), "--task", "add", "--tokenizer", "char", "--model_config", str(TINY_MODEL),
+        "--max_steps", str(max_steps), "--batch_size", "16", "--log_with", "none", "--eval_steps", "0", "--save_steps", "0",
+    ])).train()  # fmt: skip
+    return out

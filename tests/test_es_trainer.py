@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import ROOT
+from conftest import train_add_model
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, TrainerCallback
@@ -23,14 +23,7 @@ PROMPTS = ["12+30 ", "5+5 ", "7+8 ", "20+22 ", "3+4 ", "9+9 "]
 
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
-    """A char LSTM trained for a few seconds on `add` with labels."""
-    out = tmp_path_factory.mktemp("es") / "ce"
-    AcceleratorState._reset_state(reset_partial_state=True)
-    ZooTrainer(*parse_arguments([
-        "--output_dir", str(out), "--task", "add", "--tokenizer", "char", "--model_config", str(ROOT / "tests/tiny_model.yaml"),
-        "--max_steps", "30", "--batch_size", "16", "--log_with", "none", "--eval_steps", "0", "--save_steps", "0",
-    ])).train()  # fmt: skip
-    return out
+    return train_add_model(tmp_path_factory.mktemp("es") / "ce", max_steps=30)
 
 
 def exact_sum(prompts, completions, **_):

@@ -93,12 +93,6 @@ def test_the_model_loop_runs_the_one_cell_and_its_outputs_equal_the_fused_kernel
     torch.testing.assert_close(model(ids).logits, dense, rtol=1e-10, atol=1e-10)
 
 
-class OneProcess:
-    """What the ES step needs of an Accelerator, for one process."""
-
-    process_index, num_processes = 0, 1
-
-
 def reward_objective(model, tokenizer, **options):
     from hf_zoo_rnn.rewards import Fluency, RewardObjective, distinct_4
 
@@ -127,7 +121,7 @@ def test_the_es_step_in_one_batch_equals_members_one_at_a_time(bpe_tokenizer, sa
     for batched in (True, False):
         model = copy.deepcopy(start)
         step = EvolutionStrategiesStep(model, ZOOptimizer(model, zo_config), reward_objective(start, bpe_tokenizer,
-                                       **options), OneProcess(), run_seed=7)  # fmt: skip
+                                       **options), run_seed=7)  # fmt: skip
         step.batched = batched
         population = step.zo.ask()
         completions.append(step.completions(population, prompts.prompts))

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import ROOT
+from conftest import ROOT, train_add_model
 from safetensors.torch import load_file
 
 from hf_zoo_rnn.data.prompts import PromptStream
@@ -90,14 +90,7 @@ def test_prompt_streams_resume_by_counting_and_carry_columns(tmp_path):
 
 @pytest.fixture(scope="module")
 def add_model(tmp_path_factory):
-    """A char LSTM trained for a few seconds on `add` with labels: the starting point of reward training."""
-    out = tmp_path_factory.mktemp("add") / "ce"
-    AcceleratorState._reset_state(reset_partial_state=True)
-    ZooTrainer(*parse_arguments([
-        "--output_dir", str(out), "--task", "add", "--tokenizer", "char", "--model_config", str(ROOT / "tests/tiny_model.yaml"),
-        "--max_steps", "60", "--batch_size", "16", "--log_with", "none", "--eval_steps", "0", "--save_steps", "0",
-    ])).train()  # fmt: skip
-    return out
+    return train_add_model(tmp_path_factory.mktemp("add") / "ce", max_steps=60)
 
 
 def reward_args(out, start, *extra) -> list[str]:

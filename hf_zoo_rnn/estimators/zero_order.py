@@ -127,7 +127,8 @@ class EvolutionStrategiesStep:
 
     train_label = "train (minus the mean reward of the members)"
 
-    def __init__(self, model, zo: ZOOptimizer, objective: RewardObjective, accelerator, run_seed: int):
+    def __init__(self, model, zo: ZOOptimizer, objective: RewardObjective, accelerator=None, run_seed: int = 0):
+        """`accelerator`: the run's, for several processes; None runs every member in this process."""
         self.model, self.zo, self.objective, self.accelerator = model, zo, objective, accelerator
         self.run_seed = run_seed
         self.probes = zo.config.num_probes
@@ -135,7 +136,8 @@ class EvolutionStrategiesStep:
 
     def step(self, batch: PromptBatch) -> StepReport:
         accelerator = self.accelerator
-        population = self.zo.ask(accelerator.process_index, accelerator.num_processes)
+        rank, world_size = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+        population = self.zo.ask(rank, world_size)
         started = time.perf_counter()
         with torch.inference_mode():
             completions = self.completions(population, batch.prompts)
@@ -143,9 +145,9 @@ class EvolutionStrategiesStep:
         rewards = self.objective.member_rewards(batch.prompts, completions, batch.columns)  # [members, P]
         seconds = time.perf_counter() - started
         local = -rewards.view(len(population.probes), len(population.scales), -1)  # losses [k, 2, P]
-        losses = gathered(accelerator, local) if accelerator.num_processes > 1 else local
-        stats = self.zo.tell(population, losses, rank=accelerator.process_index, seconds_forward=seconds)
-        report = ZeroOrderStep.report(stats, sent=local.numel() * 8 if accelerator.num_processes > 1 else 0)
+        losses = gathered(accelerator, local) if world_size > 1 else local
+        stats = self.zo.tell(population, losses, rank=rank, seconds_forward=seconds)
+        report = ZeroOrderStep.report(stats, sent=local.numel() * 8 if world_size > 1 else 0)
         first_samples = completions[0][:: self.objective.samples]  # the first member's first sample per prompt
         self.samples = list(zip(batch.prompts, first_samples, strict=True))
         report.tokens = 2 * self.probes * len(batch.prompts) * self.objective.samples * self.objective.max_new_tokens

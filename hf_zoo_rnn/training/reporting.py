@@ -3,6 +3,8 @@
 import csv
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +23,20 @@ def logged_metrics(output_dir: Path) -> list[dict]:
     if not path.is_file():
         raise SystemExit(f"{path} does not exist: train that run first")
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+RESULT = "RESULT "  # the line a benchmark's worker prints its row on
+
+
+def run_worker(script: str, spec: str, label: str) -> dict:
+    """A benchmark measurement in a fresh process of `script` (the same arguments, `--worker spec`, one thread): the
+    row it printed after RESULT, or a row naming its error under `label`."""
+    command = [sys.executable, script, *sys.argv[1:], "--worker", spec]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT)]
+    if result.returncode != 0 or not lines:
+        return {label: spec, "error": (result.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(lines[0][len(RESULT) :])
 
 
 def write_table(rows: list[dict], path: Path) -> None:
