@@ -54,13 +54,14 @@ def _seed():
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ROOT / "tests" / "tiny_model.yaml"
+# pure ZO as the tests were written for it: ZO-Adam at lr 0.01, cosine after 20 warm-up steps
+PROBES = ["--estimator", "probes", "--zo_lr", "0.01", "--zo_update_rule", "adam", "--zo_lr_schedule", "cosine"]
+PROBES += ["--zo_warmup_steps", "20"]
 # trainer arguments small enough for CI: 2 x 32-token blocks, pure ZO with 4 probes, a 300-token BPE trained on 50K
 # characters
-FAST_TRAINING = [
-    "--local_gradient", "none", "--model_config", str(TINY_MODEL), "--batch_size", "2", "--context_length", "32", "--zo_num_probes", "4",
-    "--tokenizer_vocab_size", "300", "--tokenizer_sample_chars", "50000", "--eval_batches", "1",
-    "--logging_steps", "1", "--checksum_steps", "1",
-]  # fmt: skip
+FAST_TRAINING = [*PROBES, "--model_config", str(TINY_MODEL), "--batch_size", "2", "--context_length", "32"]
+FAST_TRAINING += ["--zo_num_probes", "4", "--tokenizer_vocab_size", "300", "--tokenizer_sample_chars", "50000"]
+FAST_TRAINING += ["--eval_batches", "1", "--logging_steps", "1", "--checksum_steps", "1"]
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:

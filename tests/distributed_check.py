@@ -31,17 +31,15 @@ results["per_rank_tokens"] = per_rank.counters["tokens"]
 hybrid = ZooTrainer(
     *parse_arguments(
         ["--output_dir", str(out / "hybrid"), *common, "--per_rank_batches", "--max_steps", "2",
-         "--local_gradient", "one_step", "--zo_parameters", "*.bias", "--zo_guide", "local"]
+         "--estimator", "hybrid", "--local_scope", "one_step", "--zo_parameters", "*.bias", "--zo_guide", "local"]
     )
 )  # fmt: skip
 hybrid.train()
 results["hybrid_comm_bytes"] = hybrid.counters["comm_bytes"]
 results["hybrid_gradient_elements"] = sum(
-    p.numel() for p in hybrid.step.local.gradient.trained + hybrid.step.local.gradient.surrogate
+    p.numel() for p in hybrid.estimator.local.gradient.trained + hybrid.estimator.local.gradient.surrogate
 )
-shared = ZooTrainer(
-    *parse_arguments(["--output_dir", str(out / "hybrid_shared"), *common, "--local_gradient", "readout"])
-)
+shared = ZooTrainer(*parse_arguments(["--output_dir", str(out / "hybrid_shared"), *common, "--estimator", "hybrid"]))
 shared.train()
 results["hybrid_shared_comm_bytes"] = shared.counters["comm_bytes"]
 

@@ -150,7 +150,7 @@ def test_rewards_benchmark_runs_every_method_and_the_memory_probe(tmp_path):
     ).read_text()
     task = tmp_path / "add"
     run_script("train.py", "--output_dir", str(task), "--task", "add", "--task_max_length", "4", "--model_config",
-               "tiny", "--optimizer", "bptt_adamw", "--max_steps", "2", "--eval_steps", "0", "--save_steps", "0",
+               "tiny", "--estimator", "bptt", "--max_steps", "2", "--eval_steps", "0", "--save_steps", "0",
                "--log_with", "none")  # fmt: skip
     run_script("benchmark_rewards.py", "--start", str(task), "--prompts", "add", "--task_max_length", "4",
                "--methods", "es_pass4", "ce", "--seconds", "1", "--seeds", "0", "--eval_prompts", "2",

@@ -85,4 +85,4 @@ def test_built_in_configs_are_reachable_by_name_from_anywhere(tmp_path, monkeypa
     with pytest.raises(ConfigFileError, match=r"config file not found: tinny \(built-in model configs: .*tiny"):
         load_model_config("tinny")
     model_args, _, train_args, _ = parse_arguments(["--config", "char-lm"])
-    assert model_args.model_config == "tiny" and train_args.optimizer == "zo"
+    assert model_args.model_config == "tiny" and train_args.estimator == "probes"

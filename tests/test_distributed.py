@@ -50,7 +50,7 @@ def test_two_processes_match_one_process_and_guard_their_replicas(tmp_path):
     # the same run in one process with the same arithmetic (one thread) gives bitwise the same weights
     torch.set_num_threads(1)
     try:
-        for name, extra in (("split", []), ("hybrid_shared", ["--local_gradient", "readout"])):
+        for name, extra in (("split", []), ("hybrid_shared", ["--estimator", "hybrid"])):
             AcceleratorState._reset_state(reset_partial_state=True)
             ZooTrainer(*parse_arguments(["--output_dir", str(tmp_path / f"single_{name}"), *ARGS, *extra])).train()
             two = load_file(tmp_path / name / "model.safetensors")

@@ -140,9 +140,9 @@ def test_the_python_api_equals_the_command_line_bitwise_and_resumes_bitwise(star
     )
     AcceleratorState._reset_state(reset_partial_state=True)
     ZooTrainer(*parse_arguments([
-        "--output_dir", str(tmp_path / "cli"), "--objective", "reward", "--init_from", str(start), "--prompts",
+        "--output_dir", str(tmp_path / "cli"), "--estimator", "es", "--init_from", str(start), "--prompts",
         str(rows), "--rewards", "test_es_trainer:exact_sum,test_es_trainer:digits", "--reward_weights", "1,0.1",
-        "--local_gradient", "none", "--zo_num_probes", "4", "--zo_eps", "0.05", "--zo_lr", "0.01",
+        "--zo_num_probes", "4", "--zo_eps", "0.05", "--zo_lr", "0.01",
         "--zo_update_rule", "adam", "--zo_lr_schedule", "constant", "--zo_warmup_steps", "0", "--anchor_decay", "0.1",
         "--zo_loss_shaping",
         "per_prompt", "--zo_perturbation", "lowrank", "--zo_perturbation_rank", "2", "--batch_size", "3",

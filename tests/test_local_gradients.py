@@ -8,7 +8,7 @@ import torch
 from conftest import small_config
 
 from hf_zoo_rnn import ZooRnnForCausalLM
-from hf_zoo_rnn.estimators.local import LocalGradientStep
+from hf_zoo_rnn.estimators.local import LocalGradient
 from hf_zoo_rnn.forwards.local import accumulate_local_gradients, readout_parameter_names
 
 VARIANTS = [
@@ -109,16 +109,16 @@ def test_a_non_finite_local_gradient_is_dropped_not_stepped():
     names = readout_parameter_names(model)
     args = SimpleNamespace(local_lr=0.1, local_beta1=0.9, local_beta2=0.999, local_weight_decay=0.0,
                            local_lr_schedule="constant", local_warmup_steps=0, local_steps=1)  # fmt: skip
-    step = LocalGradientStep(model, "readout", names, [], args, total_steps=10)
+    gradient = LocalGradient(model, "readout", trained=names, surrogate=[], args=args, total_steps=10)
     ids, labels = batch()
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
-    step.gradients(ids, labels)
+    gradient.accumulate(ids, labels)
     model.lm_head.weight.grad[0, 0] = float("nan")
-    assert step.step() is None  # dropped, not stepped
+    assert gradient.apply() is None  # dropped, not applied
     assert all(torch.equal(param, before[name]) for name, param in model.named_parameters())
     assert all(param.grad is None for param in model.parameters())
-    step.gradients(ids, labels)
-    assert step.step() == 0.1  # a finite gradient steps, at the scheduled lr
+    gradient.accumulate(ids, labels)
+    assert gradient.apply() == 0.1  # a finite gradient is applied, at the scheduled lr
     assert not torch.equal(model.lm_head.weight, before["lm_head.weight"])
 
 

@@ -106,7 +106,7 @@ def test_the_es_step_in_one_batch_equals_members_one_at_a_time(bpe_tokenizer, sa
     import copy
 
     from hf_zoo_rnn.data.prompts import PromptBatch
-    from hf_zoo_rnn.estimators.zero_order import EvolutionStrategiesStep
+    from hf_zoo_rnn.estimators.evolution import EvolutionStrategies
 
     config = small_config(vocab_size=len(bpe_tokenizer), embedding_size=16, num_heads=2, head_dim=8)
     config.eos_token_id = config.pad_token_id = bpe_tokenizer.eos_token_id
@@ -120,13 +120,13 @@ def test_the_es_step_in_one_batch_equals_members_one_at_a_time(bpe_tokenizer, sa
     steps, completions = [], []
     for batched in (True, False):
         model = copy.deepcopy(start)
-        step = EvolutionStrategiesStep(model, ZOOptimizer(model, zo_config), reward_objective(start, bpe_tokenizer,
-                                       **options), run_seed=7)  # fmt: skip
+        objective = reward_objective(start, bpe_tokenizer, **options)
+        step = EvolutionStrategies(model, ZOOptimizer(model, zo_config), objective, run_seed=7)
         step.batched = batched
         population = step.zo.ask()
         completions.append(step.completions(population, prompts.prompts))
         step.zo.step_count = 0
-        report = step.step(prompts)
+        report = step.train_step(prompts)
         steps.append((model, report))
     assert completions[0] == completions[1] and len(completions[0]) == 6
     assert len({tuple(texts) for texts in completions[0]}) > 1

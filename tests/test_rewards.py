@@ -94,8 +94,9 @@ def add_model(tmp_path_factory):
 
 
 def reward_args(out, start, *extra) -> list[str]:
-    return ["--output_dir", str(out), "--objective", "reward", "--init_from", str(start), "--prompts", "add",
-            "--rewards", "add_exact,test_rewards:nan_reward", "--local_gradient", "none", "--zo_num_probes", "4",
+    return ["--output_dir", str(out), "--estimator", "es", "--init_from", str(start), "--prompts", "add",
+            "--rewards", "add_exact,test_rewards:nan_reward", "--zo_num_probes", "4", "--zo_update_rule", "adam",
+            "--zo_lr_schedule", "cosine", "--zo_warmup_steps", "20",
             "--zo_eps", "0.05", "--zo_lr", "0.01", "--zo_loss_shaping", "centered_ranks", "--batch_size", "3",
             "--max_new_tokens", "4", "--do_sample", "--reward_samples", "2", "--reward_aggregation", "best",
             "--anchor_decay", "0.1", "--log_with", "none", "--eval_steps", "0", "--eval_batches", "1",
@@ -147,13 +148,13 @@ def test_two_processes_train_on_rewards_bitwise_like_one(add_model, tmp_path):
 def test_reward_settings_that_cannot_work_are_clear_errors(add_model, tmp_path):
     from hf_zoo_rnn.config_files import ConfigFileError
 
-    for extra, message in ((["--local_gradient", "one_step"], "trained by evolution strategies"),
+    for extra, message in ((["--zo_num_probes", "0"], "--estimator es needs zo_num_probes >= 1"),
                            (["--reward_samples", "3", "--do_sample", "false"], "add --do_sample"),
                            (["--rewards", "add_exact,no_such_module:f"], "cannot be loaded")):  # fmt: skip
         with pytest.raises(ConfigFileError, match=message):
             run(reward_args(tmp_path / "bad", add_model, "--max_steps", "1", "--overwrite_output_dir", *extra))
     with pytest.raises(ConfigFileError, match="give it with --init_from"):
-        parse_arguments(["--objective", "reward", "--prompts", "add", "--rewards", "add_exact"])
+        parse_arguments(["--estimator", "es", "--zo_lr", "0.01", "--prompts", "add", "--rewards", "add_exact"])
 
 
 def test_rewards_take_what_trl_takes_numpy_none_and_trl_keywords():

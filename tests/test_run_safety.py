@@ -107,7 +107,7 @@ def test_a_second_run_and_a_finished_runs_folder_are_refused(tmp_path):
     assert logged_steps(out) == [1, 2] and [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
 
 
-@pytest.mark.parametrize("changed", [["--seed", "7"], ["--optimizer", "bptt_adamw"]])
+@pytest.mark.parametrize("changed", [["--seed", "7"], ["--estimator", "bptt"]])
 def test_resuming_another_runs_checkpoint_is_refused(tmp_path, changed):
     out = tmp_path / "run"
     args = [*FAST_TRAINING, "--max_steps", "2", "--eval_steps", "0", "--log_with", "none"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import FAST_TRAINING, ROOT, TINY_MODEL, run_script, train_losses
+from conftest import FAST_TRAINING, PROBES, ROOT, TINY_MODEL, run_script, train_losses
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,8 +77,8 @@ def test_bptt_baseline_reduces_loss(tmp_path):
     final = run(
         fast_args(
             tmp_path,
-            "--optimizer",
-            "bptt_adamw",
+            "--estimator",
+            "bptt",
             "--bptt_lr",
             "0.01",
             "--max_steps",
@@ -103,8 +103,7 @@ def test_task_training_reports_exact_match(tmp_path):
             str(tmp_path),
             "--task",
             "copy",
-            "--local_gradient",
-            "none",
+            *PROBES,
             "--model_config",
             str(TINY_MODEL),
             "--batch_size",
@@ -129,7 +128,9 @@ def final_weights(folder: Path) -> dict:
 
 
 HYBRID = [
-    "--local_gradient",
+    "--estimator",
+    "hybrid",
+    "--local_scope",
     "one_step",
     "--zo_parameters",
     "*.bias",
@@ -197,8 +198,8 @@ def test_bad_inputs_give_one_clear_error_and_keep_what_was_written(tmp_path):
             parse_arguments(["--config", str(config)])
     config.write_text("zo_lr: 1e-3\nmax_steps: '7'\n")  # YAML reads 1e-3 as text; the command line would convert it
     assert parse_arguments(["--config", str(config)])[3].lr == 0.001
-    with pytest.raises(ValueError, match="optimizer must be one of"):
-        parse_arguments(["--optimizer", "sgd"])
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        parse_arguments(["--estimator", "sgd"])
     with pytest.raises(ConfigFileError, match=r"the command line: .* prefix now \(num_probes -> zo_num_probes\)"):
         parse_arguments(["--num_probes", "3"])
     config.write_text("lr: 0.1\neps: 0.1\n")  # a config written before the zo_ prefix
@@ -236,7 +237,7 @@ def test_local_gradients_train_their_parameters_and_leave_the_rest_frozen(tmp_pa
     before = {name: param.detach().clone() for name, param in initial.model.named_parameters()}
 
     readout = tmp_path / "readout"
-    run(fast_args(readout, "--max_steps", "4", "--local_gradient", "readout", "--zo_num_probes", "0", "--local_lr", "0.01",
+    run(fast_args(readout, "--max_steps", "4", "--estimator", "readout", "--local_lr", "0.01",
                   "--local_steps", "3"))  # fmt: skip
     last = [r for r in map(json.loads, (readout / "metrics.jsonl").read_text().splitlines()) if "tokens" in r][-1]
     assert last["tokens"] == 4 * 3 * 2 * 32 and last["forward_passes"] == 4 * 3  # every local step's batch counts
@@ -248,36 +249,67 @@ def test_local_gradients_train_their_parameters_and_leave_the_rest_frozen(tmp_pa
     assert "| lm_head.weight, lm_head.bias | readout gradient |" in card and "frozen (initial values)" in card
 
     one_step = tmp_path / "one_step"
-    run(
-        fast_args(
-            one_step, "--max_steps", "30", "--local_gradient", "one_step", "--zo_num_probes", "0", "--local_lr", "0.01"
-        )
-    )
+    run(fast_args(one_step, "--max_steps", "30", "--estimator", "one_step", "--local_lr", "0.01"))
     losses = train_losses(one_step)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # a first-order method: it must fall fast
     after = final_weights(one_step)
     assert all(not torch.equal(after[name], value) for name, value in before.items())
 
 
-def test_hybrid_settings_that_cannot_work_are_clear_errors(tmp_path):
-    with pytest.raises(ConfigFileError, match="zo_num_probes=0 with local_gradient=none trains nothing"):
-        parse_arguments(["--local_gradient", "none", "--zo_num_probes", "0"])
-    with pytest.raises(ConfigFileError, match="guide='local' uses the one-step gradient"):
-        parse_arguments(["--zo_guide", "local", "--local_gradient", "readout"])
+def test_estimator_settings_that_cannot_work_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigFileError, match="--estimator probes needs zo_num_probes >= 1, got 0"):
+        parse_arguments([*PROBES, "--zo_num_probes", "0"])
+    with pytest.raises(ConfigFileError, match=r"zo_lr is required \(or zo_tied true"):
+        parse_arguments(["--estimator", "probes"])
+    with pytest.raises(ConfigFileError, match="guide='local' uses the one-step gradient.*local_scope=one_step"):
+        parse_arguments([*PROBES, "--estimator", "hybrid", "--zo_guide", "local"])
+    with pytest.raises(ConfigFileError, match="guide='local' uses the one-step gradient.*--estimator hybrid"):
+        parse_arguments([*PROBES, "--zo_guide", "local"])
     with pytest.raises(ConfigFileError, match="max_train_seconds must be positive, got 0.0"):
         parse_arguments(["--max_train_seconds", "0"])
-    with pytest.raises(ConfigFileError, match="local_gradient must be one of"):
-        parse_arguments(["--local_gradient", "two_step"])
-    with pytest.raises(ConfigFileError, match="trains every parameter and leaves none to the 4 probes"):
-        run(fast_args(tmp_path / "a", "--max_steps", "1", "--local_gradient", "one_step"))
-    with pytest.raises(ConfigFileError, match=r"one_step' \(the default\).*--local_gradient none"):  # probes asked for
-        run(["--output_dir", str(tmp_path / "c"), "--zo_num_probes", "8", "--max_steps", "1"])
+    with pytest.raises(ConfigFileError, match="local_scope must be one of"):
+        parse_arguments([*PROBES, "--estimator", "hybrid", "--local_scope", "two_step"])
+    with pytest.raises(ConfigFileError, match="local_scope=one_step trains every parameter and leaves none"):
+        run(fast_args(tmp_path / "a", "--max_steps", "1", "--estimator", "hybrid", "--local_scope", "one_step"))
     with pytest.raises(ConfigFileError, match=r"zo_parameters '\*.gate': \['\*.gate'\] matches none"):
         run(fast_args(tmp_path / "b", "--max_steps", "1", "--zo_parameters", "*.gate"))
     out = tmp_path / "hybrid"
-    run(fast_args(out, "--max_steps", "1", "--local_gradient", "readout", "--eval_steps", "0"))
-    with pytest.raises(CheckpointError, match="trained with a local gradient and with probes"):
+    run(fast_args(out, "--max_steps", "1", "--estimator", "hybrid", "--eval_steps", "0"))
+    card = (out / "README.md").read_text()
+    assert "zero-order probes and an exact local gradient (readout)" in card and "| local gradient | readout:" in card
+    with pytest.raises(CheckpointError, match=r"another run .*\(estimator: checkpoint 'hybrid', this run 'probes'\)"):
         run(fast_args(out, "--max_steps", "2", "--resume_from_checkpoint", "latest"))
+
+
+def test_an_estimator_state_names_its_kind_and_refuses_another():
+    from hf_zoo_rnn.estimators.protocol import parts_of, tagged
+
+    state = tagged("hybrid", local={"step": 1}, zo={"step_count": 2})
+    assert parts_of(state, "hybrid")["zo"] == {"step_count": 2}
+    with pytest.raises(ValueError, match="it was trained with --estimator hybrid; this run uses --estimator probes"):
+        parts_of(state, "probes")
+    with pytest.raises(ValueError, match="older than the --estimator option; this run uses --estimator probes"):
+        parts_of({"step_count": 2}, "probes")  # what a checkpoint before the option holds
+
+
+@pytest.mark.parametrize(
+    ("retired", "meant"),
+    [
+        (["--optimizer", "bptt_sgd"], "--estimator bptt --bptt_optimizer sgd"),
+        (["--objective", "reward"], "--estimator es"),
+        (["--local_gradient", "none"], "--estimator probes"),
+        (["--local_gradient", "readout", "--zo_num_probes", "8"], "--estimator hybrid --local_scope readout"),
+        (["--local_gradient", "readout", "--zo_num_probes", "0"], "--estimator readout"),
+    ],
+)
+def test_a_retired_method_option_names_the_estimator_it_meant(tmp_path, retired, meant):
+    with pytest.raises(ConfigFileError, match=f"the command line: .*use {meant} "):
+        parse_arguments(retired)
+    config = tmp_path / "old.yaml"
+    pairs = zip(retired[::2], retired[1::2], strict=True)
+    config.write_text("".join(f"{name[2:]}: {value}\n" for name, value in pairs))
+    with pytest.raises(ConfigFileError, match=f"old.yaml: .*use {meant} "):
+        parse_arguments(["--config", str(config)])
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
@@ -303,8 +335,7 @@ def test_fixed_batch_overfits_and_generate_evaluate_scripts_run(tmp_path):
             str(out),
             "--task",
             "copy",
-            "--local_gradient",
-            "none",
+            *PROBES,
             "--model_config",
             str(TINY_MODEL),
             "--fixed_batch",
@@ -347,8 +378,7 @@ def test_curriculum_grows_the_task_length_and_is_checkpointed(tmp_path):
             str(tmp_path),
             "--task",
             "reverse",
-            "--local_gradient",
-            "none",
+            *PROBES,
             "--model_config",
             str(TINY_MODEL),
             "--batch_size",
@@ -509,7 +539,7 @@ def test_a_non_finite_local_gradient_is_skipped_and_stops_the_run_when_it_persis
     with pytest.raises(
         TrainingStalledError, match=r"step 2: 2 steps in a row were skipped \(the loss was NaN or infinite\)"
     ):
-        run(fast_args(out, "--local_gradient", "one_step", "--zo_num_probes", "0", "--local_steps", "2",
+        run(fast_args(out, "--estimator", "one_step", "--local_steps", "2",
                       "--max_skipped_steps", "2", "--max_steps", "5", "--save_steps", "0", "--eval_steps", "0"))  # fmt: skip
     assert not (out / "model.safetensors").exists()
 

@@ -10,7 +10,7 @@ from conftest import small_config
 from torch import nn
 
 from hf_zoo_rnn import ZooRnnForCausalLM, modeling_zoo_rnn
-from hf_zoo_rnn.estimators.zero_order import population_loss
+from hf_zoo_rnn.estimators.probes import population_loss
 from hf_zoo_rnn.forwards.population import members_loss
 from hf_zoo_rnn.zo import Perturber, ZOConfig, ZOOptimizer, noise, stream_seed, zo_parameters
 from hf_zoo_rnn.zo.directions import GuidedDirections, IsotropicDirections, LowRankDirections

@@ -1,7 +1,16 @@
-"""Estimators: how a step turns a batch into an update. Every one implements `TrainingStep` (step.py);
-`build_step` chooses one from the run's arguments."""
+"""Estimators: how a training step turns a batch into an update. Every one implements `Estimator` (protocol.py);
+the run's `--estimator` names one in the registry (registry.py)."""
 
-from .build import BuiltStep, build_step, reward_objective
-from .step import StepReport, TrainingStep
+from .protocol import BuiltEstimator, Estimator, EstimatorInputs, EstimatorSpec, RunArguments, StepReport
+from .registry import ESTIMATORS, build_estimator
 
-__all__ = ["BuiltStep", "StepReport", "TrainingStep", "build_step", "reward_objective"]
+__all__ = [
+    "ESTIMATORS",
+    "BuiltEstimator",
+    "Estimator",
+    "EstimatorInputs",
+    "EstimatorSpec",
+    "RunArguments",
+    "StepReport",
+    "build_estimator",
+]

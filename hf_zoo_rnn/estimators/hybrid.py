@@ -1,39 +1,89 @@
-"""Hybrid steps: some parameters by their exact local gradient, the rest by probes, both at one theta."""
+"""Hybrid (estimator `hybrid`): some parameters by their exact local gradient (local_scope), the rest by probes
+(zo_parameters), both at one theta."""
 
 from functools import partial
 
-from .local import LocalStep
-from .step import StepReport, check_state_kind
-from .zero_order import ZeroOrderStep, next_token_loss
+from ..config_files import ConfigFileError
+from .local import LocalEstimator, check_local, local_gradient, local_rows, partition, roles
+from .probes import ProbeEstimator, check_zero_order, next_token_loss, probe_rows, zo_optimizer
+from .protocol import BuiltEstimator, EstimatorInputs, EstimatorSpec, RunArguments, StepReport, parts_of, tagged
 
 
-class HybridStep:
+class HybridEstimator:
     """The local gradient's forward (which also gives the clean loss the probes difference against, and with
     guided probes their guide), the probes, then both updates; then any further local steps on fresh batches."""
 
-    train_label = LocalStep.train_label
+    kind = "hybrid"
+    train_label = LocalEstimator.train_label
 
-    def __init__(self, local: LocalStep, zero_order: ZeroOrderStep):
-        self.local, self.zero_order = local, zero_order
-        self.probes = zero_order.probes
+    def __init__(self, local: LocalEstimator, probes: ProbeEstimator):
+        self.local, self.probes = local, probes
 
-    def step(self, batch) -> StepReport:
+    def train_step(self, batch) -> StepReport:
         input_ids, labels = batch
-        clean_loss, report = self.local.gradients(batch)
-        probes = self.zero_order.update(
-            partial(next_token_loss, self.zero_order.model, input_ids, labels),
-            self.zero_order.population(input_ids, labels),
+        clean_loss, report = self.local.accumulate(batch)
+        probed = self.probes.update(
+            partial(next_token_loss, self.probes.model, input_ids, labels),
+            self.probes.population(input_ids, labels),
             clean_loss,
             self.local.gradient.surrogates(),
         )
-        probes.metrics["perturbed_loss"] = probes.metrics["train_loss"]
-        report.add(probes).metrics = probes.metrics
-        return self.local.finish(clean_loss, report, probes_skipped=bool(probes.metrics["skipped_step"]))
+        report.add_costs(probed)
+        report.probes, report.metrics = probed.probes, {**probed.metrics, "perturbed_loss": probed.loss}
+        return self.local.finish(clean_loss, report, probes_skipped=probed.skipped)
 
     def state_dict(self) -> dict:
-        return {**self.zero_order.state_dict(), **self.local.state_dict()}
+        return tagged(self.kind, local=self.local.gradient.state_dict(), zo=self.probes.zo.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
-        check_state_kind(state, local=True, probes=True)
-        self.zero_order.zo.load_state_dict(state)
-        self.local.gradient.load_state_dict(state["local"])
+        parts = parts_of(state, self.kind)
+        self.probes.zo.load_state_dict(parts["zo"])
+        self.local.gradient.load_state_dict(parts["local"])
+
+
+def build_hybrid(inputs: EstimatorInputs) -> BuiltEstimator:
+    args = inputs.args
+    scope = args.train.local_scope
+    model = inputs.model.eval().requires_grad_(False)
+    zo_names, local_names = partition(model, scope, args.train.zo_parameters)
+    if not zo_names:
+        raise ConfigFileError(
+            "local_scope=one_step trains every parameter and leaves none to the probes: name the probes' share with "
+            "--zo_parameters GLOBS, or use --estimator one_step"
+        )
+    probes = ProbeEstimator(model, zo_optimizer(inputs, zo_names), inputs.accelerator, inputs.batch_copies)
+    surrogate = zo_names if args.zo.guided_by_local_gradient else []
+    gradient = local_gradient(inputs, scope, local_names, surrogate)
+    local = LocalEstimator(
+        scope,
+        gradient,
+        next_batch=inputs.next_batch,
+        local_steps=args.train.local_steps,
+        accelerator=inputs.accelerator,
+        batch_copies=inputs.batch_copies,
+    )
+    parameter_roles = {**roles(zo_names, "zero-order"), **roles(local_names, f"{scope} gradient")}
+    return BuiltEstimator(HybridEstimator(local, probes), model, parameter_roles)
+
+
+def check_hybrid(args: RunArguments) -> None:
+    check_local(args)
+    check_zero_order(args)
+    if args.zo.loss_shaping == "per_prompt":
+        raise ConfigFileError("zo_loss_shaping=per_prompt shapes rewards per prompt: it needs --estimator es")
+    if args.zo.guided_by_local_gradient and args.train.local_scope != "one_step":
+        raise ConfigFileError(
+            f"zo_guide={args.zo.guide!r} uses the one-step gradient of the ZO parameters: set local_scope=one_step"
+        )
+
+
+HYBRID = EstimatorSpec(
+    name="hybrid",
+    build=build_hybrid,
+    describe=lambda args: (
+        f"**zero-order probes and an exact local gradient ({args.train.local_scope})**: no "
+        "backpropagation through time, memory constant in context length"
+    ),
+    check=check_hybrid,
+    card_rows=lambda args: [*probe_rows(args), *local_rows(args, args.train.local_scope)],
+)

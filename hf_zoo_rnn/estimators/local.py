@@ -1,15 +1,42 @@
-"""The local-gradient estimator's optimiser half: which parameters each estimator trains, and the AdamW step on the
-exact local gradient (hf_zoo_rnn/forwards/local.py computes it, chunk by chunk, without backpropagation through
-time)."""
+"""Exact local gradients (no backpropagation through time), stepped by AdamW: `one_step` trains every parameter by
+its gradient through one recurrent step, `readout` only the readout (the rest stays frozen). forwards/local.py
+computes the gradient chunk by chunk; here are its options, the AdamW half and the estimator."""
 
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
+from functools import partial
 
 import torch
 from transformers import get_scheduler
 
-from ..forwards.local import accumulate_local_gradients, readout_parameter_names
+from ..config_files import ConfigFileError
+from ..forwards.local import SCOPES, accumulate_local_gradients, readout_parameter_names
 from ..modeling_zoo_rnn import ZooRnnForCausalLM
-from .step import StepReport, check_state_kind
+from ..zo.optimizer import LR_SCHEDULES
+from .protocol import BuiltEstimator, EstimatorInputs, EstimatorSpec, RunArguments, StepReport, parts_of, tagged
+
+
+@dataclass
+class LocalArguments:
+    """The local gradient's options (estimators one_step, readout and hybrid)."""
+
+    local_lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the local gradient"})
+    local_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 of the local gradient"})
+    local_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 of the local gradient"})
+    local_weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay of the local gradient (matrices)"})
+    local_lr_schedule: str = field(
+        default="cosine", metadata={"help": "constant, constant_with_warmup, linear, cosine"}
+    )
+    local_warmup_steps: int = field(default=0, metadata={"help": "warm-up steps of the local lr schedule"})
+    local_steps: int = field(
+        default=1, metadata={"help": "local-gradient steps per training step (the extra ones on fresh batches)"}
+    )
+    local_scope: str = field(
+        default="readout",
+        metadata={
+            "help": "estimator=hybrid: the local gradient it takes, readout or one_step (the probes train the rest)"
+        },
+    )
 
 
 def partition_parameters(
@@ -43,15 +70,16 @@ def partition_parameters(
     return zo, [name for name in scope if name not in zo]
 
 
-class LocalGradientStep:
-    """The first-order half of a hybrid step: the scope's exact local gradient of `trained` (plus, unstepped,
-    of `surrogate` for guided probes), averaged over processes by `reduce` when each has its own batch, and
-    stepped by AdamW (decay on matrices only) under a transformers schedule."""
+class LocalGradient:
+    """The first-order half of every local estimator: the scope's exact local gradient of `trained` (plus, not
+    stepped, of `surrogate` for guided probes), averaged over processes by `reduce` when each has its own batch, and
+    applied by AdamW (decay on matrices only) under a transformers schedule."""
 
     def __init__(
         self,
         model: ZooRnnForCausalLM,
         scope: str,
+        *,
         trained: list[str],
         surrogate: list[str],
         args,
@@ -80,7 +108,7 @@ class LocalGradientStep:
                 args.local_lr_schedule, self.optimizer, args.local_warmup_steps, total_steps * args.local_steps
             )
 
-    def gradients(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    def accumulate(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
         """Fill .grad with this batch's local gradient (process mean); returns the clean loss of this process's
         batch and the bytes this process sent to average the gradient."""
         self.drop_gradients()
@@ -97,10 +125,10 @@ class LocalGradientStep:
         """The guide direction for the ZO parameters: their local gradient (one surrogate), or none."""
         return [[param.grad.detach().clone() for param in self.surrogate]] if self.surrogate else []
 
-    def step(self) -> float | None:
-        """One AdamW step on the trained parameters; returns the learning rate it used. A non-finite gradient is
-        dropped instead (it would poison AdamW's moments) and None returned; after averaging the gradient is the
-        same on every process, and so is that decision."""
+    def apply(self) -> float | None:
+        """One AdamW update of the trained parameters from .grad; returns the learning rate it used. A non-finite
+        gradient is dropped instead (it would poison AdamW's moments) and None returned; after averaging the gradient
+        is the same on every process, and so is that decision."""
         finite = all(bool(torch.isfinite(p.grad).all()) for p in self.trained + self.surrogate if p.grad is not None)
         lr = None
         if finite:
@@ -127,49 +155,138 @@ class LocalGradientStep:
             self.scheduler.load_state_dict(state["scheduler"])
 
 
-class LocalStep:
-    """Exact local gradients alone (the default: one_step trains every parameter): this batch's gradient and
-    AdamW step, then local_steps - 1 more on fresh batches. A non-finite gradient is dropped (the step is skipped)."""
+class LocalEstimator:
+    """Exact local gradients alone (the default, one_step, trains every parameter): this batch's gradient and AdamW
+    update, then local_steps - 1 more on fresh batches. A non-finite gradient is dropped (the step is skipped)."""
 
     train_label = "train (clean loss of each step's batch)"
-    probes = 0
 
-    def __init__(self, gradient: LocalGradientStep, next_batch, local_steps: int, accelerator, batch_copies: int):
-        self.gradient, self.next_batch, self.local_steps = gradient, next_batch, local_steps
+    def __init__(
+        self, kind: str, gradient: LocalGradient, *, next_batch, local_steps: int, accelerator, batch_copies: int
+    ):
+        self.kind, self.gradient, self.next_batch, self.local_steps = kind, gradient, next_batch, local_steps
         self.accelerator, self.batch_copies = accelerator, batch_copies
 
-    def step(self, batch) -> StepReport:
-        clean_loss, report = self.gradients(batch)
+    def train_step(self, batch) -> StepReport:
+        clean_loss, report = self.accumulate(batch)
         return self.finish(clean_loss, report, probes_skipped=True)
 
-    def gradients(self, batch) -> tuple[float, StepReport]:
+    def accumulate(self, batch) -> tuple[float, StepReport]:
         """Fill .grad with the batch's local gradient; (its clean loss, what it cost)."""
         input_ids, labels = batch
-        clean_loss, sent = self.gradient.gradients(input_ids, labels)
-        return clean_loss, StepReport(forward_passes=1, tokens=input_ids.numel() * self.batch_copies, comm_bytes=sent)
+        clean_loss, sent = self.gradient.accumulate(input_ids, labels)
+        costs = StepReport(clean_loss, forward_passes=1, tokens=input_ids.numel() * self.batch_copies, comm_bytes=sent)
+        return clean_loss, costs
 
     def finish(self, clean_loss: float, report: StepReport, probes_skipped: bool) -> StepReport:
-        """The AdamW step on this batch's gradient and the further local steps; train_loss is this batch's clean
+        """The AdamW update from this batch's gradient and the further local steps; the loss is this batch's clean
         loss, before the updates. A dropped gradient skips the step when the probes (if any) skipped theirs too."""
-        local_lr = self.gradient.step()
+        local_lr = self.gradient.apply()
         if local_lr is None:
-            report.metrics["skipped_step"] = int(probes_skipped)
+            report.skipped = probes_skipped
         else:
             report.metrics["local_lr"] = local_lr
         for _ in range(self.local_steps - 1):
             extra_ids, extra_labels = self.next_batch()
-            _, sent = self.gradient.gradients(extra_ids, extra_labels)
-            self.gradient.step()
-            report.add(StepReport(forward_passes=1, tokens=extra_ids.numel() * self.batch_copies, comm_bytes=sent))
+            loss, sent = self.gradient.accumulate(extra_ids, extra_labels)
+            self.gradient.apply()
+            extra_tokens = extra_ids.numel() * self.batch_copies
+            report.add_costs(StepReport(loss, forward_passes=1, tokens=extra_tokens, comm_bytes=sent))
         if self.batch_copies > 1:  # each process has its own batch: log the mean over processes, as BPTT does
             device = self.accelerator.device
             clean_loss = self.accelerator.reduce(torch.tensor(clean_loss, device=device), "mean").item()
-        report.metrics["train_loss"] = clean_loss
+        report.loss = clean_loss
         return report
 
     def state_dict(self) -> dict:
-        return {"local": self.gradient.state_dict()}
+        return tagged(self.kind, local=self.gradient.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
-        check_state_kind(state, local=True, probes=False)
-        self.gradient.load_state_dict(state["local"])
+        self.gradient.load_state_dict(parts_of(state, self.kind)["local"])
+
+
+def local_gradient(inputs: EstimatorInputs, scope: str, trained: list[str], surrogate: list[str]) -> LocalGradient:
+    """The run's local gradient of `trained` (and `surrogate`, for guided probes) by `scope`."""
+    train = inputs.args.train
+    reduce = partial(inputs.accelerator.reduce, reduction="mean") if inputs.batch_copies > 1 else None
+    return LocalGradient(
+        inputs.model,
+        scope,
+        trained=trained,
+        surrogate=surrogate,
+        args=train,
+        total_steps=train.max_steps,
+        reduce=reduce,
+    )
+
+
+def roles(names: list[str], role: str) -> dict[str, str]:
+    return dict.fromkeys(names, role)
+
+
+def build_local(scope: str):
+    """The builder of estimator `scope` (one_step or readout): its local gradient alone; the rest stays frozen."""
+
+    def build(inputs: EstimatorInputs) -> BuiltEstimator:
+        model = inputs.model.eval().requires_grad_(False)
+        names = partition(model, scope, "auto")[1]
+        gradient = local_gradient(inputs, scope, names, [])
+        estimator = LocalEstimator(
+            scope,
+            gradient,
+            next_batch=inputs.next_batch,
+            local_steps=inputs.args.train.local_steps,
+            accelerator=inputs.accelerator,
+            batch_copies=inputs.batch_copies,
+        )
+        return BuiltEstimator(estimator, model, roles(names, f"{scope} gradient"))
+
+    return build
+
+
+def partition(model, scope: str, zo_patterns: str) -> tuple[list[str], list[str]]:
+    """partition_parameters, its refusal as one ConfigFileError."""
+    try:
+        return partition_parameters(model, scope, zo_patterns)
+    except ValueError as error:
+        raise ConfigFileError(str(error)) from error
+
+
+def check_local(args: RunArguments) -> None:
+    train = args.train
+    if train.local_lr_schedule not in LR_SCHEDULES:
+        raise ConfigFileError(f"local_lr_schedule must be one of {LR_SCHEDULES}, got {train.local_lr_schedule!r}")
+    if train.local_steps < 1 or train.local_lr <= 0:
+        raise ConfigFileError(
+            f"local_steps must be >= 1 and local_lr positive, got {train.local_steps} and {train.local_lr}"
+        )
+    if train.local_scope not in SCOPES:
+        raise ConfigFileError(f"local_scope must be one of {SCOPES}, got {train.local_scope!r}")
+
+
+def local_rows(args: RunArguments, scope: str) -> list[tuple[str, str]]:
+    train = args.train
+    schedule = f"AdamW lr {train.local_lr} ({train.local_lr_schedule}), {train.local_steps} step(s) per step"
+    return [("local gradient", f"{scope}: {schedule}")]
+
+
+ONE_STEP = EstimatorSpec(
+    name="one_step",
+    build=build_local("one_step"),
+    describe=lambda args: (
+        "**an exact local gradient (one_step) alone**, no probes: every parameter's gradient "
+        "through one recurrent step, no backpropagation through time, memory constant in context length"
+    ),
+    check=check_local,
+    card_rows=lambda args: local_rows(args, "one_step"),
+)
+READOUT = EstimatorSpec(
+    name="readout",
+    build=build_local("readout"),
+    describe=lambda args: (
+        "**the readout's exact gradient alone** (the other parameters keep their initial values): "
+        "no backpropagation through time, memory constant in context length"
+    ),
+    check=check_local,
+    card_rows=lambda args: local_rows(args, "readout"),
+)

@@ -1,15 +1,15 @@
 """Training arguments: dataclasses parsed by transformers' HfArgumentParser from a YAML file plus CLI overrides.
 
-Their field defaults are the embedded default run, and the only defaults a run has. Zero-order options carry a `zo_`
-prefix (`--zo_num_probes`, `--zo_lr`, ...: ZeroOrderArguments, made from hf_zoo_rnn.zo.ZOConfig); an old unprefixed
-name is an error that names the new one.
+Their field defaults are the embedded default run, and the only defaults a run has: each is set where its value is
+owned (an estimator's options in its module under hf_zoo_rnn/estimators, the zero-order ones by ZOConfig). `--estimator`
+chooses how a step trains; zero-order options carry a `zo_` prefix (`--zo_num_probes`, `--zo_lr`, ...:
+ZeroOrderArguments, made from hf_zoo_rnn.zo.ZOConfig). A retired or unprefixed name is an error naming the new one.
 
 `scripts/train.py --config configs/train/x.yaml --max_steps 10` (or `--config x`, a built-in one by name): the YAML
 sets defaults, the command line wins.
 A key that no dataclass declares is an error naming the file and the key.
 """
 
-import math
 import sys
 import types
 import typing
@@ -20,12 +20,13 @@ from transformers import HfArgumentParser
 
 from ..config_files import ConfigFileError, check_known_keys, config_path, read_yaml
 from ..data.corpus import VALIDATION_FRACTION
-from ..forwards.local import SCOPES
+from ..estimators import ESTIMATORS, RunArguments
+from ..estimators.bptt import BPTTArguments
+from ..estimators.evolution import RewardArguments
+from ..estimators.local import LocalArguments
+from ..estimators.probes import ProbeArguments
 from ..zo import ZOConfig
-from ..zo.optimizer import LR_SCHEDULES
 
-OPTIMIZERS = ("zo", "bptt_sgd", "bptt_adamw")
-LOCAL_GRADIENTS = ("none", *SCOPES)
 HUB_STRATEGIES = ("end", "every_save", "all_checkpoints")
 CHECKPOINT_STORAGES = ("auto", "shared", "per_machine")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -100,13 +101,24 @@ class DataArguments:
 
 
 @dataclass
-class TrainArguments:
+class TrainArguments(RewardArguments, BPTTArguments, ProbeArguments, LocalArguments):
+    """The run's options, and every estimator's own group (its dataclass lives beside it in hf_zoo_rnn/estimators)."""
+
     output_dir: str = field(default="outputs/default", metadata={"help": "checkpoints, logs and the final model"})
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "start a new run in an output_dir that holds another run: its checkpoints and log go first"},
     )
-    optimizer: str = field(default="zo", metadata={"help": "zo, or a BPTT baseline: bptt_sgd, bptt_adamw"})
+    estimator: str = field(
+        default="one_step",
+        metadata={
+            "help": "how a step turns a batch into an update: one_step (every parameter's exact gradient through one "
+            "recurrent step, AdamW; no backpropagation through time), readout (the readout's exact gradient alone), "
+            "probes (the paper's zero-order CD-RGE), hybrid (a local gradient and probes), es (evolution strategies "
+            "on rewards), bptt (the backpropagation baseline). Each reads its own options: local_*, zo_*, bptt_*, "
+            "the reward options"
+        },
+    )
     max_steps: int = field(default=3000, metadata={"help": "optimisation steps"})
     seed: int = field(
         default=0,
@@ -118,35 +130,6 @@ class TrainArguments:
     max_train_seconds: float | None = field(
         default=None,
         metadata={"help": "also stop once the training steps took this long (evaluation excluded): equal-time runs"},
-    )
-    local_gradient: str = field(
-        default="one_step",
-        metadata={
-            "help": "exact local gradient, no backpropagation through time: none, readout (the readout's exact "
-            "gradient) or one_step (every parameter's gradient through one recurrent step), stepped by AdamW"
-        },
-    )
-    zo_parameters: str = field(
-        default="auto",
-        metadata={
-            "help": "parameters trained by ZO: comma-separated name globs (e.g. '*.bias'), or auto: those the "
-            "local gradient does not train"
-        },
-    )
-    local_lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the local gradient"})
-    local_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1 of the local gradient"})
-    local_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2 of the local gradient"})
-    local_weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay of the local gradient (matrices)"})
-    local_lr_schedule: str = field(
-        default="cosine", metadata={"help": "constant, constant_with_warmup, linear, cosine"}
-    )
-    local_warmup_steps: int = field(default=0, metadata={"help": "warm-up steps of the local lr schedule"})
-    local_steps: int = field(
-        default=1, metadata={"help": "local-gradient steps per training step (the extra ones on fresh batches)"}
-    )
-    bptt_lr: float = field(default=1e-3, metadata={"help": "learning rate of the BPTT baselines"})
-    bptt_truncation: int | None = field(
-        default=None, metadata={"help": "time steps per backward (default: the model's chunk_size)"}
     )
     logging_steps: int = field(default=10, metadata={"help": "log metrics every N steps"})
     eval_steps: int = field(default=100, metadata={"help": "evaluate every N steps (0: only at the end)"})
@@ -188,65 +171,28 @@ class TrainArguments:
     hub_token: str | None = field(default=None, metadata={"help": "token (default: HF_TOKEN or the saved login)"})
     hub_retries: int = field(default=5, metadata={"help": "retries of a failed push (exponential back-off)"})
     hub_retry_seconds: float = field(default=2.0, metadata={"help": "first back-off wait"})
-    objective: str = field(
-        default="lm", metadata={"help": "lm (next-token loss on the data) or reward (rewards of generated text, ES)"}
-    )
-    rewards: str = field(
-        default="",
-        metadata={
-            "help": "objective=reward: comma-separated add_exact, reverse_exact, distinct_4, fluency or module:function"
-        },
-    )
-    reward_weights: str = field(default="", metadata={"help": "one weight per reward (default: 1 each)"})
-    reward_timeout: float = field(
-        default=300.0,
-        metadata={
-            "help": "seconds one reward function's call (every member's completions of a step) may take before the "
-            "run stops with an error (0: none)"
-        },
-    )
-    reward_samples: int = field(default=1, metadata={"help": "completions per prompt and member (sampled when > 1)"})
-    reward_aggregation: str = field(
-        default="mean", metadata={"help": "a prompt's reward over its samples: mean, or best (pass@k)"}
-    )
-    max_new_tokens: int = field(default=20, metadata={"help": "objective=reward: tokens each completion generates"})
-    do_sample: bool = field(default=False, metadata={"help": "objective=reward: sample completions (default greedy)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    anchor_decay: float = field(
-        default=0.0, metadata={"help": "objective=reward: each step pulls the weights toward the start by lr x this"}
-    )
     hub_timeout: float = field(
         default=600.0,
         metadata={"help": "seconds the run's end waits for its pushes; a final push unfinished by then has failed"},
     )
 
+    @property
+    def objective(self) -> str:
+        """What the estimator trains on: lm (the data's next-token loss) or reward (rewards of prompts' completions)."""
+        return ESTIMATORS[self.estimator].objective
 
-OBJECTIVES = ("lm", "reward")
-REWARD_AGGREGATIONS = ("mean", "best")
-# The embedded default run trains every parameter by its one-step gradient (no backpropagation through time, memory
-# constant in context length) with AdamW and a cosine lr: it learned most per second of every constant-memory method
-# measured (docs/BENCHMARKS.md, "Which estimator learns"): validation loss 6.24 -> 2.82 in 150 s on one core, where
-# pure CD-RGE reached 5.84 and no hybrid's probes added anything at equal wall-clock. Its zero-order settings, which
-# differ from ZOConfig's own, apply wherever probes run (configs/train/pure-zo.yaml for the paper's method).
-ZERO_ORDER_RUN_DEFAULTS = {
-    "num_probes": 0,
-    "lr": 0.01,
-    "update_rule": "adam",
-    "lr_schedule": "cosine",
-    "warmup_steps": 20,
-}
+
 ZERO_ORDER_OPTIONS = [f.name for f in fields(ZOConfig) if f.name != "seed"]  # the seed is the run's
 
 
 def zero_order_field(option):
-    default = ZERO_ORDER_RUN_DEFAULTS.get(option.name, option.default)
-    return f"zo_{option.name}", option.type, field(default=default, metadata=option.metadata)
+    return f"zo_{option.name}", option.type, field(default=option.default, metadata=option.metadata)
 
 
 ZeroOrderArguments = make_dataclass(
     "ZeroOrderArguments", [zero_order_field(f) for f in fields(ZOConfig) if f.name in ZERO_ORDER_OPTIONS]
 )
-ZeroOrderArguments.__doc__ = "Every ZOConfig setting but the seed, as a zo_-prefixed argument with the run's default."
+ZeroOrderArguments.__doc__ = "Every ZOConfig setting but the seed, as a zo_-prefixed argument with ZOConfig's default."
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments, ZeroOrderArguments)
 
 
@@ -269,11 +215,52 @@ def check_renamed(names, where: str) -> None:
         raise ConfigFileError(f"{where}: zero-order options carry a zo_ prefix now ({new})")
 
 
-def parse_arguments(argv: list[str] | None = None):
-    """(ModelArguments, DataArguments, TrainArguments, ZOConfig) from `--config FILE` and the command line."""
+RETIRED = ("optimizer", "local_gradient", "objective")  # one --estimator choice replaced these
+
+
+def estimator_meant(values: dict) -> str:
+    """The --estimator (and its options) that a combination of the retired optimizer / local_gradient / objective
+    options (and zo_num_probes) meant."""
+    optimizer = str(values.get("optimizer", "zo"))
+    if optimizer.startswith("bptt_"):
+        return f"--estimator bptt --bptt_optimizer {optimizer.removeprefix('bptt_')}"
+    if values.get("objective") == "reward":
+        return "--estimator es"
+    local = str(values.get("local_gradient", "one_step"))
+    if local == "none":
+        return "--estimator probes"
+    if int(values.get("zo_num_probes", 0) or 0) > 0:  # probes beside a local gradient: the hybrid
+        return f"--estimator hybrid --local_scope {local}"
+    return f"--estimator {local}"
+
+
+def check_retired(values: dict, where: str) -> None:
+    """optimizer / local_gradient / objective are one error naming the --estimator they mean."""
+    retired = [name for name in RETIRED if name in values]
+    if retired:
+        raise ConfigFileError(
+            f"{where}: {', '.join(retired)} {'is' if len(retired) == 1 else 'are'} replaced by one --estimator choice: "
+            f"use {estimator_meant(values)} (scripts/train.py --help)"
+        )
+
+
+def command_line_values(argv: list[str]) -> dict:
+    """`--name value` and `--name=value` pairs of a command line, as given (a flag without a value maps to True)."""
+    values = {}
+    for index, arg in enumerate(argv):
+        if arg.startswith("--"):
+            name, equals, value = arg[2:].partition("=")
+            following = argv[index + 1] if index + 1 < len(argv) else None
+            values[name] = value if equals else (following if following and not following.startswith("--") else True)
+    return values
+
+
+def parse_arguments(argv: list[str] | None = None) -> RunArguments:
+    """The run's arguments (model, data, train, ZOConfig) from `--config FILE` and the command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    flags = [arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")]
-    check_renamed(flags, "the command line")
+    given = command_line_values(argv)
+    check_renamed(given, "the command line")
+    check_retired(given, "the command line")
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     if "--config" in argv:
         index = argv.index("--config")
@@ -283,13 +270,14 @@ def parse_arguments(argv: list[str] | None = None):
         del argv[index : index + 2]
         values = read_yaml(path)
         check_renamed(values, path)
+        check_retired(values, path)
         hints = {name: hint for cls in ARGUMENT_CLASSES for name, hint in typing.get_type_hints(cls).items()}
         check_known_keys(values, set(hints), path, "scripts/train.py (see --help)")
         parser.set_defaults(**{key: typed_value(key, value, hints[key], path) for key, value in values.items()})
     model_args, data_args, train_args, zo_args = parser.parse_args_into_dataclasses(args=argv)
-    zo_config = zero_order_config(zo_args, train_args.seed)
-    check_choices(model_args, data_args, train_args, zo_config)
-    return model_args, data_args, train_args, zo_config
+    args = RunArguments(model_args, data_args, train_args, zero_order_config(zo_args, train_args.seed))
+    check_choices(args)
+    return args
 
 
 def typed_value(key: str, value, hint, path: str):
@@ -313,75 +301,19 @@ def typed_value(key: str, value, hint, path: str):
     raise ConfigFileError(f"{path}: {key} must be {expected}{' or null' if optional else ''}, got {value!r}")
 
 
-def check_reward_choices(
-    model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments, zo_config: ZOConfig
-) -> None:
-    """Training on rewards: evolution strategies from a trained model, on prompts, scored by reward functions."""
-    if model_args.init_from is None:
-        raise ConfigFileError("objective=reward trains a trained model further: give it with --init_from")
-    if not data_args.prompts or not train_args.rewards:
-        raise ConfigFileError("objective=reward needs --prompts (add, reverse, kjv or a dataset) and --rewards")
-    if train_args.optimizer != "zo" or train_args.local_gradient != "none" or zo_config.num_probes < 1:
-        raise ConfigFileError(
-            "objective=reward is trained by evolution strategies: optimizer=zo, local_gradient=none, zo_num_probes >= 1 "
-            "(antithetic pairs of members)"
-        )
-    weights = [w for w in train_args.reward_weights.split(",") if w.strip()]
-    for weight in weights:
-        try:
-            if not math.isfinite(float(weight)):
-                raise ValueError
-        except ValueError:
-            raise ConfigFileError(
-                f"reward_weights must be numbers separated by commas, got {train_args.reward_weights!r}"
-            ) from None
-    if train_args.reward_timeout < 0:
-        raise ConfigFileError(f"reward_timeout must be >= 0 seconds (0: none), got {train_args.reward_timeout}")
-    if weights and len(weights) != len(train_args.rewards.split(",")):
-        raise ConfigFileError(
-            f"reward_weights gives {len(weights)} weights for {len(train_args.rewards.split(','))} rewards"
-        )
-    if train_args.reward_aggregation not in REWARD_AGGREGATIONS:
-        raise ConfigFileError(
-            f"reward_aggregation must be one of {REWARD_AGGREGATIONS}, got {train_args.reward_aggregation!r}"
-        )
-    if train_args.reward_samples < 1 or train_args.max_new_tokens < 1:
-        raise ConfigFileError("reward_samples and max_new_tokens must be at least 1")
-    if train_args.reward_samples > 1 and not train_args.do_sample:
-        raise ConfigFileError("reward_samples > 1 draws several completions per prompt: add --do_sample")
-
-
-def check_choices(
-    model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments, zo_config: ZOConfig
-) -> None:
-    if train_args.optimizer not in OPTIMIZERS:
-        raise ConfigFileError(f"optimizer must be one of {OPTIMIZERS}, got {train_args.optimizer!r}")
+def check_choices(args: RunArguments) -> None:
+    """Every option's value, and the chosen estimator's own checks; each problem one ConfigFileError."""
+    model_args, data_args, train_args = args.model, args.data, args.train
+    if train_args.estimator not in ESTIMATORS:
+        raise ConfigFileError(f"estimator must be one of {tuple(ESTIMATORS)}, got {train_args.estimator!r}")
     if train_args.hub_strategy not in HUB_STRATEGIES:
         raise ConfigFileError(f"hub_strategy must be one of {HUB_STRATEGIES}, got {train_args.hub_strategy!r}")
     if train_args.checkpoint_storage not in CHECKPOINT_STORAGES:
         raise ConfigFileError(
             f"checkpoint_storage must be one of {CHECKPOINT_STORAGES}, got {train_args.checkpoint_storage!r}"
         )
-    if train_args.local_gradient not in LOCAL_GRADIENTS:
-        raise ConfigFileError(f"local_gradient must be one of {LOCAL_GRADIENTS}, got {train_args.local_gradient!r}")
-    if train_args.local_lr_schedule not in LR_SCHEDULES:
-        raise ConfigFileError(f"local_lr_schedule must be one of {LR_SCHEDULES}, got {train_args.local_lr_schedule!r}")
     if train_args.max_train_seconds is not None and train_args.max_train_seconds <= 0:
         raise ConfigFileError(f"max_train_seconds must be positive, got {train_args.max_train_seconds}")
-    if train_args.local_steps < 1 or train_args.local_lr <= 0:
-        raise ConfigFileError(
-            f"local_steps must be >= 1 and local_lr positive, got {train_args.local_steps} and {train_args.local_lr}"
-        )
-    if train_args.optimizer == "zo" and train_args.local_gradient == "none" and zo_config.num_probes == 0:
-        raise ConfigFileError("zo_num_probes=0 with local_gradient=none trains nothing")
-    if zo_config.guided_by_local_gradient and train_args.local_gradient != "one_step":
-        raise ConfigFileError(
-            f"zo_guide={zo_config.guide!r} uses the one-step gradient of the ZO parameters: set local_gradient=one_step"
-        )
-    if train_args.objective not in OBJECTIVES:
-        raise ConfigFileError(f"objective must be one of {OBJECTIVES}, got {train_args.objective!r}")
-    if train_args.objective == "reward":
-        check_reward_choices(model_args, data_args, train_args, zo_config)
     if model_args.dtype not in DTYPES:
         raise ConfigFileError(f"dtype must be one of {DTYPES}, got {model_args.dtype!r}")
     for name in ("eval_batches", "task_eval_examples", "batch_size", "context_length"):
@@ -390,10 +322,7 @@ def check_choices(
     if not 0 <= data_args.validation_fraction < 1:
         raise ConfigFileError(f"validation_fraction must be in [0, 1), got {data_args.validation_fraction}")
     check_run_options(model_args, data_args, train_args)
-    if zo_config.lr is not None and zo_config.lr <= 0:
-        raise ConfigFileError(
-            f"zo_lr must be positive (a ZO step moves against the estimated gradient), got {zo_config.lr}"
-        )
+    ESTIMATORS[train_args.estimator].check(args)
 
 
 def check_run_options(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:

@@ -4,7 +4,7 @@
                         reward_weights=[1.0, 0.1]), train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
 
-It drives the same engine as `scripts/train.py --objective reward` (ZooTrainer, EvolutionStrategiesStep): the
+It drives the same engine as `scripts/train.py --estimator es` (ZooTrainer, EvolutionStrategies): the
 command line names its model, prompts and rewards, ESTrainer hands over the objects, and nothing else differs, so the
 two runs are bitwise equal for equal settings (tested). An hf_zoo_rnn model takes the batched population path; any
 other transformers causal LM trains member by member through its own `generate`.
@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, T
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
 from ..config_files import ConfigFileError
+from ..estimators import RunArguments
 from ..zo import ZOConfig
 from .arguments import DataArguments, ModelArguments, TrainArguments, check_choices
 from .es_config import ESConfig, ESConfigError, plain
@@ -77,8 +78,16 @@ class ESTrainer:
     callbacks: transformers `TrainerCallback`s (on_train_begin, on_step_end, on_log, on_save, on_train_end).
     """
 
-    def __init__(self, model, reward_funcs, args: ESConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, callbacks=None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        reward_funcs,
+        args: ESConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+    ):
         self.args = args if args is not None else ESConfig(output_dir="es_output")
         if not isinstance(self.args, ESConfig):
             raise ESConfigError(f"ESTrainer takes an ESConfig as args, got {type(self.args).__name__}")
@@ -103,8 +112,8 @@ class ESTrainer:
             )
         if train_dataset is None:
             raise ESConfigError("ESTrainer needs a train_dataset with a 'prompt' column")
-        self.rows = {"train": self.prompt_rows(train_dataset, "train_dataset"),
-                     "validation": None if eval_dataset is None else self.prompt_rows(eval_dataset, "eval_dataset")}  # fmt: skip
+        held_out = None if eval_dataset is None else self.prompt_rows(eval_dataset, "eval_dataset")
+        self.rows = {"train": self.prompt_rows(train_dataset, "train_dataset"), "validation": held_out}
         self.callbacks = [DefaultFlowCallback, *(callbacks or [])]
         self.engine: ZooTrainer | None = None
 
@@ -141,42 +150,60 @@ class ESTrainer:
 
     # -- the run --------------------------------------------------------------------------------------------------------
 
-    def arguments(self, resume_from_checkpoint) -> tuple:
-        """The engine's arguments for this config (what `scripts/train.py --objective reward` would be given)."""
+    def arguments(self, resume_from_checkpoint) -> RunArguments:
+        """The engine's arguments for this config: what `scripts/train.py --estimator es` would be given."""
         config = self.args
         model_args = ModelArguments(init_from=self.model_name, dtype="bfloat16" if config.bf16 else "float32")
         fingerprint = hashlib.sha256(json.dumps([r["prompt"] for r in self.rows["train"]]).encode()).hexdigest()[:12]
-        data_args = DataArguments(prompts=f"train_dataset ({len(self.rows['train'])} prompts, {fingerprint})",
-                                  batch_size=config.per_device_train_batch_size)  # fmt: skip
-        report_to = [t for t in ([config.report_to] if isinstance(config.report_to, str) else config.report_to)
-                     if t not in ("none", "all")]  # fmt: skip
+        prompts = f"train_dataset ({len(self.rows['train'])} prompts, {fingerprint})"
+        data_args = DataArguments(prompts=prompts, batch_size=config.per_device_train_batch_size)
+        trackers = [config.report_to] if isinstance(config.report_to, str) else config.report_to
+        trackers = [name for name in trackers if name not in ("none", "all")]
+        evaluates, saves = plain(config.eval_strategy) == "steps", plain(config.save_strategy) == "steps"
         train_args = TrainArguments(
-            output_dir=config.output_dir, seed=config.seed, max_steps=self.max_steps(), objective="reward",
-            rewards=",".join(getattr(f, "__name__", type(f).__name__) for f in self.reward_funcs),
-            reward_weights=",".join(str(w) for w in config.reward_weights or []), reward_timeout=config.reward_timeout,
-            reward_samples=config.num_generations, max_new_tokens=config.max_completion_length,
-            do_sample=not config.greedy or config.num_generations > 1, temperature=config.temperature, anchor_decay=config.anchor_decay,
-            optimizer="zo", local_gradient="none", logging_steps=self.steps(config.logging_steps),
-            eval_steps=self.steps(config.eval_steps or config.logging_steps) if plain(config.eval_strategy) == "steps" else 0,
-            save_steps=self.steps(config.save_steps) if plain(config.save_strategy) == "steps" else 0,
-            save_total_limit=config.save_total_limit or 2, log_with=",".join(report_to) or "none",
-            push_to_hub=config.push_to_hub, hub_model_id=config.hub_model_id, hub_token=config.hub_token,
-            hub_private=bool(config.hub_private_repo), resume_from_checkpoint=resume_from_checkpoint,
+            estimator="es",
+            output_dir=config.output_dir,
             overwrite_output_dir=config.overwrite_output_dir,
-        )  # fmt: skip
-        zo_config = ZOConfig(
-            num_probes=config.population_size // 2, eps=config.sigma, lr=config.learning_rate,
-            update_rule=config.update_rule, loss_shaping=config.fitness_shaping,
-            lr_schedule=plain(config.lr_scheduler_type), warmup_steps=self.steps(config.warmup_steps, floor=0),
-            total_steps=self.max_steps(),
-            perturbation="full" if config.rank is None else "lowrank", perturbation_rank=config.rank or 1,
+            resume_from_checkpoint=resume_from_checkpoint,
             seed=config.seed,
-        )  # fmt: skip
+            max_steps=self.max_steps(),
+            logging_steps=self.steps(config.logging_steps),
+            eval_steps=self.steps(config.eval_steps or config.logging_steps) if evaluates else 0,
+            save_steps=self.steps(config.save_steps) if saves else 0,
+            save_total_limit=config.save_total_limit or 2,
+            log_with=",".join(trackers) or "none",
+            rewards=",".join(getattr(f, "__name__", type(f).__name__) for f in self.reward_funcs),
+            reward_weights=",".join(str(w) for w in config.reward_weights or []),
+            reward_timeout=config.reward_timeout,
+            reward_samples=config.num_generations,
+            max_new_tokens=config.max_completion_length,
+            do_sample=not config.greedy or config.num_generations > 1,
+            temperature=config.temperature,
+            anchor_decay=config.anchor_decay,
+            push_to_hub=config.push_to_hub,
+            hub_model_id=config.hub_model_id,
+            hub_token=config.hub_token,
+            hub_private=bool(config.hub_private_repo),
+        )
+        zo_config = ZOConfig(
+            num_probes=config.population_size // 2,
+            eps=config.sigma,
+            lr=config.learning_rate,
+            update_rule=config.update_rule,
+            loss_shaping=config.fitness_shaping,
+            lr_schedule=plain(config.lr_scheduler_type),
+            warmup_steps=self.steps(config.warmup_steps, floor=0),
+            total_steps=self.max_steps(),
+            perturbation="full" if config.rank is None else "lowrank",
+            perturbation_rank=config.rank or 1,
+            seed=config.seed,
+        )
+        args = RunArguments(model_args, data_args, train_args, zo_config)
         try:
-            check_choices(model_args, data_args, train_args, zo_config)
+            check_choices(args)
         except ConfigFileError as error:
             raise ESConfigError(str(error)) from None
-        return model_args, data_args, train_args, zo_config
+        return args
 
     def steps(self, value: float, floor: int = 1) -> int:
         """A step count as TrainingArguments reads one: below 1, a ratio of max_steps."""
@@ -195,17 +222,22 @@ class ESTrainer:
         resume = "latest" if resume_from_checkpoint is True else resume_from_checkpoint or None
         events = CallbackEvents(self)
         self.engine = ZooTrainer(
-            *self.arguments(resume), model=self.model, tokenizer=self.processing_class, reward_functions=self.rewards(),
-            prompt_rows=self.rows, events=events, use_cpu=self.args.use_cpu,
-        )  # fmt: skip
+            *self.arguments(resume),
+            model=self.model,
+            tokenizer=self.processing_class,
+            reward_functions=self.rewards(),
+            prompt_rows=self.rows,
+            events=events,
+            use_cpu=self.args.use_cpu,
+        )
         final = self.engine.train()
         self.model = self.engine.accelerator.unwrap_model(self.engine.model)
         return final
 
     def print_completions(self) -> None:
         """A few of the newest step's completions (the first member's), as TRL's log_completions prints them."""
-        step = self.engine.step if self.engine is not None else None
-        samples = getattr(step, "samples", [])[: self.args.num_completions_to_print or None]
+        estimator = self.engine.estimator if self.engine is not None else None
+        samples = getattr(estimator, "samples", [])[: self.args.num_completions_to_print or None]
         for prompt, completion in samples:
             logger.warning("%r -> %r", prompt, completion)
 
@@ -229,8 +261,9 @@ class ESTrainer:
             raise ESConfigError("push_to_hub needs ESConfig(hub_model_id='owner/name')")
         self.save_model()
         api = HfApi(token=self.args.hub_token)
-        return push_folder(api, Path(self.args.output_dir), self.args.hub_model_id, bool(self.args.hub_private_repo),
-                           commit_message, ignore_patterns=["checkpoint-*", "*.lock", ".run.lock"])  # fmt: skip
+        folder, private = Path(self.args.output_dir), bool(self.args.hub_private_repo)
+        ignored = ["checkpoint-*", "*.lock", ".run.lock"]
+        return push_folder(api, folder, self.args.hub_model_id, private, commit_message, ignore_patterns=ignored)
 
 
 def conversational(function):

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -93,16 +94,31 @@ def parameter_roles(model, roles: dict[str, str]) -> dict[str, tuple[list[str], 
     return grouped
 
 
-def write_model_card(output_dir: Path, model, trainer, final_metrics: dict) -> ModelCard:
+@dataclass
+class RunSummary:
+    """What a run's model card says about it: the trainer hands this over, the card reads nothing else."""
+
+    method: str  # the estimator's one sentence (EstimatorSpec.describe)
+    estimator_rows: list[tuple[str, str]]  # its rows of the training table (EstimatorSpec.card_rows)
+    parameter_roles: dict[str, str]  # parameter name -> how it is trained
+    training_data: str
+    validation_data: str
+    dataset: str | None  # a dataset to name in the card's metadata (None: built in)
+    counters: dict
+    world_size: int
+    hardware: str
+    peak_memory_mb: float
+    unknown_tokens: int = 0
+
+
+def write_model_card(output_dir: Path, model, run: RunSummary, final_metrics: dict) -> ModelCard:
     config = model.config
-    zo = trainer.zo_config
-    data = trainer.data_args
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",
         license="apache-2.0",
         tags=["custom_code", getattr(config, "cell", config.model_type), "zeroth-order", "flashrnn", "hf_zoo_rnn"],
-        datasets=None if data.task or data.dataset == "kjv" else [data.dataset],
+        datasets=[run.dataset] if run.dataset else None,
     )
     card = ModelCard.from_template(
         card_data,
@@ -110,23 +126,19 @@ def write_model_card(output_dir: Path, model, trainer, final_metrics: dict) -> M
         cell=getattr(config, "cell", config.model_type).upper(),
         parameters=f"{model.num_parameters():,}",
         config=config,
-        optimizer=trainer.train_args.optimizer,
-        zo=zo,
-        unknown_tokens=getattr(trainer.train_stream, "unknown_tokens", 0),
+        method=run.method,
+        estimator_rows=run.estimator_rows,
+        unknown_tokens=run.unknown_tokens,
         train_time=duration(final_metrics["train_seconds"]) if "train_seconds" in final_metrics else None,
         step_time=duration(final_metrics["training_seconds"]) if "training_seconds" in final_metrics else None,
-        training_data=trainer.training_data,
-        validation_data=trainer.validation_data,
-        counters=trainer.counters,
-        world_size=trainer.world_size,
+        training_data=run.training_data,
+        validation_data=run.validation_data,
+        counters=run.counters,
+        world_size=run.world_size,
         metrics={k: f"{v:.4f}" for k, v in final_metrics.items()},
-        peak_memory_mb=f"{max((r.get('peak_memory_mb', 0) for r in trainer.history), default=0):.0f}",
-        hardware=hardware(trainer.accelerator.device),
-        local_gradient=trainer.train_args.local_gradient,
-        train=trainer.train_args,
-        roles=parameter_roles(model, trainer.parameter_roles),
-        start=trainer.model_args.init_from,
-        prompts=data.prompts,
+        peak_memory_mb=f"{run.peak_memory_mb:.0f}",
+        hardware=run.hardware,
+        roles=parameter_roles(model, run.parameter_roles),
     )
     card.save(output_dir / "README.md")
     return card

@@ -19,14 +19,22 @@ def text_source(data_args, validation: bool):
     return open_text_source(data.dataset, split, data.text_column, data.document_column, fraction)
 
 
-def make_stream(data_args, objective: str, seed: int, tokenizer, validation: bool, rank: int = 0, world_size: int = 1):
+def make_stream(
+    data_args, *, objective: str, seed: int, tokenizer, validation: bool, rank: int = 0, world_size: int = 1
+):
     """Prompts (objective=reward), a task's examples, or packed text (split by process with per_rank_batches)."""
     data = data_args
     if objective == "reward":
+        split = "validation" if validation else "train"
         return PromptStream(
-            data.prompts, "validation" if validation else "train", data.batch_size, seed,
-            data.prompt_column, data.task_max_length, data.prompt_words,
-        )  # fmt: skip
+            data.prompts,
+            split,
+            data.batch_size,
+            seed,
+            prompt_column=data.prompt_column,
+            max_task_length=data.task_max_length,
+            prompt_words=data.prompt_words,
+        )
     if data.task:
         return TaskStream(data.task, tokenizer, data.batch_size, data.task_max_length, seed, validation)
     split = data.per_rank_batches and not validation

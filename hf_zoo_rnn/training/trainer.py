@@ -1,10 +1,10 @@
 """ZooTrainer: the training loop behind `accelerate launch scripts/train.py`.
 
-The run's estimator (hf_zoo_rnn/estimators: probes, exact local gradients, their hybrid, BPTT, or evolution
-strategies on rewards) is one `TrainingStep`; the loop calls `step(batch)` and never asks which it holds. Every
-process holds the full model; zero-order estimators exchange only loss scalars, and a parameter checksum compared
-every `checksum_steps` proves the replicas agree. Files, resume, checkpoints and pushes are persistence.py's; what
-trains and validates is streams.py's.
+The run's estimator (hf_zoo_rnn/estimators: one_step, readout, probes, hybrid, es or bptt, chosen by `--estimator`)
+is held as `self.estimator`; the loop calls `train_step(batch)` and never asks which it holds. Every process holds the
+full model; zero-order estimators exchange only loss scalars, and a parameter checksum compared every
+`checksum_steps` proves the replicas agree. What trains is assembled by assembly.py (tokenizer, model) and streams.py
+(data); files, resume, checkpoints and pushes are persistence.py's; evaluation is the objective's (evaluation.py).
 """
 
 import copy
@@ -20,30 +20,26 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
+from transformers import TrainerState
 
-from ..config_files import load_model_config, model_config_from_dict
-from ..configuration_zoo_rnn import ZooRnnConfig
-from ..data import BUILTIN_KJV, PackedStream, build_tokenizer, open_text_source, text_pieces
+from ..data import BUILTIN_KJV
 from ..data.prompts import PromptStream
-from ..estimators import StepReport, build_step
-from ..modeling_zoo_rnn import ZooRnnForCausalLM
-from ..rewards import RewardCall, RewardInterrupted, RewardObjective
+from ..estimators import ESTIMATORS, EstimatorInputs, RunArguments, StepReport, build_estimator
+from ..rewards import RewardCall, RewardInterrupted
 from ..zo import ZOConfig
 from .arguments import DataArguments, ModelArguments, TrainArguments
+from .assembly import load_model, load_tokenizer
 from .checkpoints import CheckpointError, latest_checkpoint
-from .evaluation import language_model_metrics, task_metrics
+from .evaluation import LanguageModelEvaluation, RewardEvaluation
 from .persistence import RunStorage
 from .preemption import Preempted, StopRequests
-from .reporting import plot_loss_curve, write_model_card
+from .reporting import RunSummary, hardware, plot_loss_curve, write_model_card
 from .run_folder import OutputDirError
-from .streams import BatchSource, data_descriptions, make_stream, text_source
+from .streams import BatchSource, data_descriptions, make_stream
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = {"cell": "lstm", "embedding_size": 128, "num_heads": 4, "head_dim": 64, "num_hidden_layers": 1}
 
 
 class ReplicaMismatchError(RuntimeError):
@@ -92,7 +88,8 @@ class ZooTrainer:
         events: TrainingEvents | None = None,
         use_cpu: bool = False,
     ):
-        self.model_args, self.data_args, self.train_args, self.zo_config = model_args, data_args, train_args, zo_config
+        self.args = RunArguments(model_args, data_args, train_args, zo_config)
+        self.model_args, self.data_args, self.train_args, self.zo_config = self.args
         self.given_model, self.given_tokenizer, self.reward_functions = model, tokenizer, reward_functions
         self.prompt_rows = prompt_rows  # {"train": rows, "validation": rows or None} instead of --prompts
         self.events = events or TrainingEvents()
@@ -109,10 +106,8 @@ class ZooTrainer:
         # transformers' view of the run's progress: what reward functions get as `trainer_state`, as in TRL
         self.trainer_state = TrainerState(max_steps=train_args.max_steps, logging_steps=train_args.logging_steps)
         self.storage: RunStorage | None = None  # set up by setup(): it talks to the other processes
-        self.reward: RewardObjective | None = None  # objective=reward: what evaluation scores too
         self.parameter_roles: dict[str, str] = {}  # parameter name -> how it is trained (for the model card)
         self.skipped_in_a_row = 0
-        self.warned_no_validation = False
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
@@ -121,34 +116,55 @@ class ZooTrainer:
         self.storage = RunStorage(self.accelerator, self.train_args)
         self.storage.claim()
         self.resume_dir = self.storage.resume_folder({"data": self.data_identity(), "run": self.run_identity()})
-        self.tokenizer = self.load_tokenizer()
+        self.tokenizer = load_tokenizer(
+            self.args,
+            self.accelerator,
+            self.output_dir,
+            resume_dir=self.resume_dir,
+            per_machine=self.storage.per_machine,
+            given=self.given_tokenizer,
+        )
         start = None  # a given model's starting weights, frozen (what an anchor decays toward), before a resume
         if self.given_model is not None and self.train_args.anchor_decay:
             start = copy.deepcopy(self.given_model).to(self.accelerator.device)
-        self.model = self.load_model()
-        self.batches = BatchSource(lambda: self.make_stream(validation=False), self.data_args, self.accelerator.device)
-        built = build_step(self.model, self.model_args, self.data_args, self.train_args, self.zo_config,
-                           self.accelerator, self.batches.next_batch, self.tokenizer,
-                           reward_functions=self.reward_functions, start_model=start)  # fmt: skip
-        self.step, self.model, self.parameter_roles, self.reward = (
-            built.step,
-            built.model,
-            built.parameter_roles,
-            built.objective,
+        model = load_model(
+            self.model_args, self.tokenizer, self.accelerator.device, resume_dir=self.resume_dir, given=self.given_model
         )
+        self.batches = BatchSource(lambda: self.make_stream(validation=False), self.data_args, self.accelerator.device)
+        built = build_estimator(
+            EstimatorInputs(
+                self.args,
+                model,
+                self.tokenizer,
+                self.accelerator,
+                self.batches.next_batch,
+                reward_functions=self.reward_functions,
+                start_model=start,
+            )
+        )
+        self.estimator, self.model, self.parameter_roles = built.estimator, built.model, built.parameter_roles
         if self.resume_dir is not None:
             self.load_training_state(self.resume_dir)
         self.trainer_state.global_step = self.counters["step"]
-        if self.reward is not None:
-            self.reward.trainer_state = self.trainer_state
         self.training_data, self.validation_data = data_descriptions(
-            self.data_args, self.train_args.objective, self.train_args.rewards, self.model_args.init_from,
+            self.data_args,
+            self.train_args.objective,
+            self.train_args.rewards,
+            self.model_args.init_from,
             self.batches.stream,
-        )  # fmt: skip
+        )
         if self.prompt_rows is not None:  # ESTrainer's datasets: validation is its eval_dataset, if any
             held_out = self.prompt_rows["validation"]
             self.validation_data = (
                 f"eval_dataset ({len(held_out)} prompts): their greedy completions' rewards" if held_out else "none"
+            )
+        validation_stream = lambda: self.make_stream(validation=True)  # noqa: E731 - a fresh one per evaluation
+        if built.objective is not None:
+            built.objective.trainer_state = self.trainer_state
+            self.evaluation = RewardEvaluation(self.args, self.tokenizer, built.objective, validation_stream)
+        else:
+            self.evaluation = LanguageModelEvaluation(
+                self.args, self.tokenizer, validation_stream, self.validation_data
             )
         if self.accelerator.is_main_process:
             logger.warning("training on %s; validating on %s", self.training_data, self.validation_data)
@@ -169,75 +185,7 @@ class ZooTrainer:
     def run_identity(self) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint: otherwise it is another run (the
         architecture is checked against the checkpoint's weights, the data by data_identity)."""
-        return {"seed": self.train_args.seed, "optimizer": self.train_args.optimizer}
-
-    def load_tokenizer(self):
-        if self.given_tokenizer is not None and self.resume_dir is None:
-            return self.given_tokenizer
-        source = self.resume_dir or self.model_args.init_from
-        if source is not None:
-            return AutoTokenizer.from_pretrained(source)
-        data = self.data_args
-        kind = "char" if data.task and data.tokenizer == "bpe" else data.tokenizer  # tasks are character level
-        tokenizer_dir = self.output_dir / "tokenizer"
-        files = None
-        if self.accelerator.is_main_process:  # trains it once; the others load what it saved
-            texts = () if kind != "bpe" else text_pieces(text_source(self.data_args, validation=False))
-            tokenizer = build_tokenizer(kind, texts, data.tokenizer_vocab_size, data.tokenizer_sample_chars)
-            files = {path.name: path.read_bytes() for path in map(Path, tokenizer.save_pretrained(tokenizer_dir))}
-        if self.storage.per_machine:  # the other machines cannot read the main process's disk: send them the files
-            files = broadcast_object_list([files])[0]
-            if self.accelerator.is_local_main_process and not self.accelerator.is_main_process:
-                tokenizer_dir.mkdir(parents=True, exist_ok=True)
-                for name, content in files.items():
-                    (tokenizer_dir / name).write_bytes(content)
-        self.accelerator.wait_for_everyone()
-        return AutoTokenizer.from_pretrained(tokenizer_dir)
-
-    def model_config(self) -> ZooRnnConfig:
-        values = dict(DEFAULT_MODEL)
-        source = "the default model"
-        if self.model_args.model_config:
-            config = load_model_config(self.model_args.model_config)
-            values, source = config.to_diff_dict(), self.model_args.model_config
-            values.pop("model_type", None)
-            values.pop("transformers_version", None)
-        values.update(
-            vocab_size=len(self.tokenizer),
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            bos_token_id=self.tokenizer.eos_token_id,
-        )
-        return model_config_from_dict(values, source)
-
-    def load_model(self) -> ZooRnnForCausalLM:
-        if self.given_model is not None:  # trained as it is, the user's object; a resume loads its checkpoint into it
-            model = self.given_model
-            if self.resume_dir is not None:
-                model.load_state_dict(AutoModelForCausalLM.from_pretrained(self.resume_dir).state_dict())
-            return model.to(self.accelerator.device)
-        name = self.model_args.dtype
-        if name == "auto":  # bf16 halves GPU memory; on CPU bf16 matmuls are ~2x slower than fp32
-            name = "bfloat16" if self.accelerator.device.type == "cuda" else "float32"
-        dtype = getattr(torch, name)
-        # --model_config beside --init_from is not ignored: the loaded model must be that architecture
-        init_only = self.model_args.init_from is not None and not self.model_args.model_config
-        expected = None if init_only else self.model_config()
-        source = self.resume_dir or self.model_args.init_from
-        if source is not None:
-            try:
-                model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-            except (OSError, ValueError, RuntimeError) as error:
-                raise CheckpointError(f"cannot load the model from {source}: {error}") from error
-            if len(self.tokenizer) != model.config.vocab_size:
-                raise CheckpointError(
-                    f"{source}: tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}"
-                )
-            if expected is not None:
-                check_same_architecture(expected, model.config, source)
-        else:
-            model = ZooRnnForCausalLM(expected).to(dtype)  # every process builds it from the same seed
-        return model.to(self.accelerator.device)
+        return {"seed": self.train_args.seed, "estimator": self.train_args.estimator}
 
     def make_stream(self, validation: bool):
         if self.prompt_rows is not None:  # prompts given as rows (ESTrainer's datasets), not named by --prompts
@@ -245,10 +193,17 @@ class ZooTrainer:
             split = "validation" if validation else "train"
             if rows is None:
                 return None
-            return PromptStream(self.data_args.prompts, split, self.data_args.batch_size, self.train_args.seed,
-                                rows=rows)  # fmt: skip
-        return make_stream(self.data_args, self.train_args.objective, self.train_args.seed, self.tokenizer, validation,
-                           self.rank, self.world_size)  # fmt: skip
+            data = self.data_args
+            return PromptStream(data.prompts, split, data.batch_size, self.train_args.seed, rows=rows)
+        return make_stream(
+            self.data_args,
+            objective=self.train_args.objective,
+            seed=self.train_args.seed,
+            tokenizer=self.tokenizer,
+            validation=validation,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
 
     # -- the loop -------------------------------------------------------------------------------------------------
 
@@ -278,12 +233,12 @@ class ZooTrainer:
         while self.counters["step"] < args.max_steps:
             if args.max_train_seconds is not None and training_seconds >= args.max_train_seconds:
                 break
-            position = self.batches.state_dict() if self.reward is not None else None
+            position = self.batches.state_dict()  # where to read this step's batch again, were it abandoned
             batch = self.batches.next_batch()
             step_started = time.perf_counter()
             RewardCall.interruptible = True  # only a step can be abandoned (not an evaluation, not a save)
             try:
-                report = self.step.step(batch)
+                report = self.estimator.train_step(batch)
             except RewardInterrupted as stop:  # a slow reward: abandon the step, resume reads its prompts again
                 self.batches.load_state_dict(position)
                 folder = self.save_checkpoint()
@@ -297,7 +252,7 @@ class ZooTrainer:
                 RewardCall.interruptible = False
             training_seconds += time.perf_counter() - step_started
             step = self.count(report)
-            metrics = report.metrics
+            metrics = report.logged()
             metrics.update(
                 step_seconds=time.perf_counter() - step_started,
                 training_seconds=training_seconds,
@@ -308,7 +263,7 @@ class ZooTrainer:
             )
             if getattr(self.train_stream, "unknown_tokens", 0):
                 metrics["unknown_tokens"] = self.train_stream.unknown_tokens
-            self.check_progress(metrics)
+            self.check_progress(report)
             self.maybe_grow_curriculum(metrics["train_loss"])
             if args.checksum_steps and step % args.checksum_steps == 0:
                 self.check_replicas()
@@ -332,8 +287,8 @@ class ZooTrainer:
                 )
             progress.update(1)
             rates = {"tok_s": f"{report.tokens / metrics['step_seconds']:.0f}"}
-            if self.step.probes:
-                rates["probes_s"] = f"{self.step.probes / metrics['step_seconds']:.1f}"
+            if report.probes:
+                rates["probes_s"] = f"{report.probes / metrics['step_seconds']:.1f}"
             progress.set_postfix(loss=f"{metrics['train_loss']:.3f}", **rates)
             if reached:
                 break
@@ -357,14 +312,14 @@ class ZooTrainer:
         self.counters["comm_bytes"] += report.comm_bytes
         return self.counters["step"]
 
-    def check_progress(self, metrics: dict) -> None:
+    def check_progress(self, report: StepReport) -> None:
         """Stop a run whose steps have all been skipped (non-finite losses) for max_skipped_steps in a row, before
         it saves a broken model or prunes a good checkpoint."""
-        skipped = bool(metrics.get("skipped_step")) or not math.isfinite(metrics["train_loss"])
+        skipped = report.skipped or not math.isfinite(report.loss)
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
         limit = self.train_args.max_skipped_steps
         if limit and self.skipped_in_a_row >= limit:
-            if metrics.get("skipped_step") and self.step.probes:
+            if report.skipped and report.probes:
                 cause = "every probe's loss was NaN or infinite"
             else:
                 cause = "the loss was NaN or infinite"
@@ -382,60 +337,7 @@ class ZooTrainer:
     # -- evaluation, replicas, logging ------------------------------------------------------------------------------
 
     def evaluate(self) -> dict:
-        model = self.accelerator.unwrap_model(self.model)
-        if self.reward is not None:
-            return self.evaluate_rewards(model)
-        was_training = model.training
-        model.eval()
-        results = language_model_metrics(model, self.make_stream(validation=True), self.data_args.eval_batches)
-        if not results and not self.warned_no_validation:
-            self.warned_no_validation = True
-            logger.warning(
-                "no validation loss: %s holds less than one batch of %d x %d tokens (pass --validation_dataset, "
-                "or raise --validation_fraction)",
-                self.validation_data,
-                self.data_args.batch_size,
-                self.data_args.context_length,
-            )
-        if self.data_args.task:
-            results.update(
-                task_metrics(
-                    model,
-                    self.tokenizer,
-                    self.data_args.task,
-                    self.data_args.task_max_length,
-                    self.train_args.seed + 1,
-                    self.data_args.task_eval_examples,
-                )
-            )
-        model.train(was_training)
-        return results
-
-    def evaluate_rewards(self, model) -> dict:
-        """The mean reward of greedy completions of held-out prompts (for a task: out of distribution, and in
-        distribution on fresh prompts of the training lengths), and for KJV prompts the validation loss."""
-        data, args = self.data_args, self.train_args
-        greedy = RewardObjective(self.tokenizer, self.reward.functions, self.reward.weights, args.max_new_tokens)
-        greedy.trainer_state, greedy.timeout = self.trainer_state, self.reward.timeout
-        streams = {"eval_reward": self.make_stream(validation=True)}
-        if streams["eval_reward"] is None:  # ESTrainer without an eval_dataset
-            return {}
-        if data.prompts in ("add", "reverse"):
-            streams["eval_reward_in_distribution"] = PromptStream(data.prompts, "train", data.batch_size,
-                                                                  self.train_args.seed + 1, max_task_length=data.task_max_length)  # fmt: skip
-        results = {}
-        for name, stream in streams.items():
-            rewards = []
-            for index in range(data.eval_batches):
-                batch = stream.batch(index)
-                rewards += greedy.prompt_rewards(model, batch.prompts, batch.columns)
-            finite = [r for r in rewards if not math.isnan(r)]
-            results[name] = sum(finite) / len(finite) if finite else math.nan
-        if data.prompts == BUILTIN_KJV:
-            text = PackedStream(open_text_source(BUILTIN_KJV, "validation"), self.tokenizer, data.context_length,
-                                data.batch_size)  # fmt: skip
-            results.update(language_model_metrics(model, text, data.eval_batches))
-        return results
+        return self.evaluation(self.accelerator.unwrap_model(self.model))
 
     def check_replicas(self) -> None:
         if self.world_size == 1:
@@ -475,9 +377,14 @@ class ZooTrainer:
         }
         process_state = {"data": self.batches.state_dict(), "rng": torch.get_rng_state()}
         folder = self.storage.save_checkpoint(
-            self.counters["step"], self.accelerator.unwrap_model(self.model), self.tokenizer, process_state,
-            self.step.state_dict(), trainer_state, lambda folder: self.write_report(folder, self.latest_eval()),
-        )  # fmt: skip
+            self.counters["step"],
+            self.accelerator.unwrap_model(self.model),
+            self.tokenizer,
+            process_state=process_state,
+            step_state=self.estimator.state_dict(),
+            trainer_state=trainer_state,
+            write_report=lambda folder: self.write_report(folder, self.latest_eval()),
+        )
         self.events.saved(folder)
         return folder
 
@@ -487,44 +394,41 @@ class ZooTrainer:
         self.batches.load_state_dict(process_state["data"])
         try:
             torch.set_rng_state(process_state["rng"])
-            self.step.load_state_dict(step_state)
+            self.estimator.load_state_dict(step_state)
         except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as error:
-            raise CheckpointError(f"{folder}: the optimizer state does not fit this run: {error}") from error
+            raise CheckpointError(f"{folder}: the estimator's state does not fit this run: {error}") from error
 
     def save_final_model(self, final_metrics: dict) -> None:
-        self.storage.publish_final(self.accelerator.unwrap_model(self.model), self.tokenizer,
-                                   lambda folder: self.write_report(folder, final_metrics), self.counters["step"])  # fmt: skip
+        model = self.accelerator.unwrap_model(self.model)
+        report = lambda folder: self.write_report(folder, final_metrics)  # noqa: E731
+        self.storage.publish_final(model, self.tokenizer, write_report=report, step=self.counters["step"])
 
     def write_report(self, folder: Path, metrics: dict) -> None:
         """Loss curve and model card: every checkpoint folder carries its own."""
-        plot_loss_curve(self.history, folder / "loss_curve.png", self.step.train_label)
-        write_model_card(folder, self.accelerator.unwrap_model(self.model), self, metrics)
+        plot_loss_curve(self.history, folder / "loss_curve.png", self.estimator.train_label)
+        write_model_card(folder, self.accelerator.unwrap_model(self.model), self.run_summary(), metrics)
+
+    def run_summary(self) -> RunSummary:
+        spec, data = ESTIMATORS[self.train_args.estimator], self.data_args
+        return RunSummary(
+            method=spec.describe(self.args),
+            estimator_rows=spec.card_rows(self.args),
+            parameter_roles=self.parameter_roles,
+            training_data=self.training_data,
+            validation_data=self.validation_data,
+            dataset=None if data.task or data.dataset == BUILTIN_KJV else data.dataset,
+            counters=self.counters,
+            world_size=self.world_size,
+            hardware=hardware(self.accelerator.device),
+            peak_memory_mb=max((r.get("peak_memory_mb", 0) for r in self.history), default=0),
+            unknown_tokens=getattr(self.train_stream, "unknown_tokens", 0),
+        )
 
     def latest_eval(self) -> dict:
         return next(
             ({k: v for k, v in r.items() if k.startswith("eval_")} for r in reversed(self.history) if "eval_loss" in r),
             {},
         )
-
-
-def check_same_architecture(expected: ZooRnnConfig, found: ZooRnnConfig, source) -> None:
-    fields = (
-        "cell",
-        "vocab_size",
-        "embedding_size",
-        "num_heads",
-        "head_dim",
-        "num_hidden_layers",
-        "layer_norm",
-        "residual",
-    )
-    differing = [
-        f"{name}: requested {getattr(expected, name)}, checkpoint {getattr(found, name)}"
-        for name in fields
-        if getattr(expected, name) != getattr(found, name)
-    ]
-    if differing:
-        raise CheckpointError(f"{source} holds a different model than requested ({'; '.join(differing)})")
 
 
 def parameter_checksum(model: torch.nn.Module) -> bytes:
@@ -544,8 +448,8 @@ def peak_memory_mb(device: torch.device) -> float:
 def flat_config(trainer: ZooTrainer) -> dict:
     """Every argument of the run, for the trackers (zero-order settings under their zo_ names)."""
     values = {}
-    for prefix, args in (("", trainer.model_args), ("", trainer.data_args), ("", trainer.train_args),
-                         ("zo_", trainer.zo_config)):  # fmt: skip
+    groups = [("", trainer.model_args), ("", trainer.data_args), ("", trainer.train_args), ("zo_", trainer.zo_config)]
+    for prefix, args in groups:
         for key, value in dataclasses.asdict(args).items():
             values[prefix + key] = value if isinstance(value, int | float | str | bool) else str(value)
     values["world_size"] = trainer.world_size

@@ -1,0 +1,16 @@
+"""Every `--estimator` choice, by name. Adding an estimator is one module (its argument dataclass, class, builder,
+checks and card text, bundled as an `EstimatorSpec`) and one line here."""
+
+from .bptt import BPTT
+from .evolution import ES
+from .hybrid import HYBRID
+from .local import ONE_STEP, READOUT
+from .probes import PROBES
+from .protocol import BuiltEstimator, EstimatorInputs, EstimatorSpec
+
+ESTIMATORS: dict[str, EstimatorSpec] = {spec.name: spec for spec in (ONE_STEP, READOUT, PROBES, HYBRID, ES, BPTT)}
+
+
+def build_estimator(inputs: EstimatorInputs) -> BuiltEstimator:
+    """The run's estimator, built by its registered builder."""
+    return ESTIMATORS[inputs.args.train.estimator].build(inputs)
