@@ -40,47 +40,34 @@ from transformers import HfArgumentParser  # noqa: E402
 from hf_zoo_rnn.training.reporting import logged_metrics, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-# every method names its local gradient and probe count: none may depend on train.py's defaults
-READOUT = ["--local_gradient", "readout", "--zo_num_probes", "16"]
-ONE_STEP = ["--local_gradient", "one_step"]
-NO_PROBES = ["--zo_num_probes", "0"]
+# every method names its estimator and probe count: none may depend on train.py's defaults. Probes run ZO-Adam at
+# lr 0.01, cosine after 20 warm-up steps, as measured in docs/BENCHMARKS.md
+ZO_ADAM = ["--zo_lr", "0.01", "--zo_update_rule", "adam", "--zo_lr_schedule", "cosine", "--zo_warmup_steps", "20"]
+PURE = ["--estimator", "probes", *ZO_ADAM, "--zo_num_probes"]
+READOUT = ["--estimator", "hybrid", "--local_scope", "readout", *ZO_ADAM, "--zo_num_probes", "16"]
+ONE_STEP = ["--estimator", "hybrid", "--local_scope", "one_step", *ZO_ADAM]
 LOW_RANK = ["--zo_perturbation", "lowrank", "--zo_perturbation_rank"]
+FORWARD_8 = ["--zo_num_probes", "8", "--zo_difference", "forward"]
 # name -> (train.py arguments, the probe-free baseline it builds on)
 METHODS: dict[str, tuple[list[str], str | None]] = {
-    "pure_zo": (["--local_gradient", "none", "--zo_num_probes", "16"], None),
-    "readout_only": ([*READOUT, *NO_PROBES], None),
-    "one_step_only": ([*ONE_STEP, *NO_PROBES], None),
+    "pure_zo": ([*PURE, "16"], None),
+    "readout_only": (["--estimator", "readout"], None),
+    "one_step_only": (["--estimator", "one_step"], None),
     "readout+zo": (READOUT, "readout_only"),
     "readout+zo_forward": ([*READOUT, "--zo_difference", "forward"], "readout_only"),
     "readout+zo_guided_updates": ([*READOUT, "--zo_guide", "updates"], "readout_only"),
     # the readout kept near its optimum for the current features, so the probes only have to improve the features
     "readout+zo_forward_x16": ([*READOUT, "--zo_difference", "forward", "--local_steps", "16"], "readout_only"),
-    "one_step+zo_bias": (
-        [*ONE_STEP, "--zo_parameters", "*.bias", "--zo_num_probes", "8", "--zo_difference", "forward"],
-        "one_step_only",
-    ),  # fmt: skip
+    "one_step+zo_bias": ([*ONE_STEP, "--zo_parameters", "*.bias", *FORWARD_8], "one_step_only"),
     "one_step+zo_guided": (
-        [
-            *ONE_STEP,
-            "--zo_parameters",
-            "model.layers.*",
-            "--zo_guide",
-            "local",
-            "--zo_num_probes",
-            "8",
-            "--zo_difference",
-            "forward",
-        ],
+        [*ONE_STEP, "--zo_parameters", "model.layers.*", "--zo_guide", "local", *FORWARD_8],
         "one_step_only",
-    ),  # fmt: skip
-    "bptt_adamw": (["--optimizer", "bptt_adamw", "--bptt_lr", "3e-3", "--bptt_truncation", "32"], None),
+    ),
+    "bptt_adamw": (["--estimator", "bptt", "--bptt_lr", "3e-3", "--bptt_truncation", "32"], None),
     # low-rank probes (EGGROLL): rank 1 and 4 at the pure method's K, and rank 1 at 16 x K as one batch per step
-    "pure_zo_lowrank_r1": (["--local_gradient", "none", "--zo_num_probes", "16", *LOW_RANK, "1"], None),
-    "pure_zo_lowrank_r4": (["--local_gradient", "none", "--zo_num_probes", "16", *LOW_RANK, "4"], None),
-    "pure_zo_lowrank_r1_k256": (
-        ["--local_gradient", "none", "--zo_num_probes", "256", *LOW_RANK, "1", "--zo_probes_per_forward", "0"],
-        None,
-    ),  # fmt: skip
+    "pure_zo_lowrank_r1": ([*PURE, "16", *LOW_RANK, "1"], None),
+    "pure_zo_lowrank_r4": ([*PURE, "16", *LOW_RANK, "4"], None),
+    "pure_zo_lowrank_r1_k256": ([*PURE, "256", *LOW_RANK, "1", "--zo_probes_per_forward", "0"], None),
 }
 OPTIONAL = ("readout+zo_forward_x16", "pure_zo_lowrank_r1", "pure_zo_lowrank_r4", "pure_zo_lowrank_r1_k256")
 SECTIONS = {

@@ -56,7 +56,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from hf_zoo_rnn.data import BUILTIN_KJV, PackedStream, open_text_source  # noqa: E402
 from hf_zoo_rnn.data.prompts import PROMPT_TASKS, PromptBatch, PromptStream  # noqa: E402
 from hf_zoo_rnn.data.tasks import answer_batch  # noqa: E402
-from hf_zoo_rnn.estimators.zero_order import EvolutionStrategiesStep  # noqa: E402
+from hf_zoo_rnn.estimators.evolution import EvolutionStrategies  # noqa: E402
 from hf_zoo_rnn.forwards.local import accumulate_local_gradients  # noqa: E402
 from hf_zoo_rnn.rewards import (  # noqa: E402
     Fluency,
@@ -211,7 +211,7 @@ def run_es(args: RewardBenchmarkArguments, seed: int, out: Path, pass_k: bool, p
 
 
 def run_ce(args: RewardBenchmarkArguments, seed: int, out: Path) -> int:
-    options = ["--task", args.prompts, "--task_max_length", str(args.task_max_length), "--optimizer", "bptt_adamw",
+    options = ["--task", args.prompts, "--task_max_length", str(args.task_max_length), "--estimator", "bptt",
                "--bptt_lr", str(args.ce_lr), "--batch_size", str(args.prompts_per_step * args.group)]  # fmt: skip
     return run_trainer(train_command(args, seed, out, *options), out)
 
@@ -277,7 +277,7 @@ class OneStepPolicyGradient:
         self.model, self.objective = model, objective
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
 
-    def step(self, prompts: list[str], columns: dict, seed: int) -> float:
+    def update(self, prompts: list[str], columns: dict, seed: int) -> float:
         """One update; returns the mean reward of the sampled completions."""
         objective, tokenizer = self.objective, self.objective.tokenizer
         self.model.eval()
@@ -311,7 +311,7 @@ def run_one_step_pg(args: RewardBenchmarkArguments, seed: int, model, start, tok
     for batch in stream:
         if time.perf_counter() - started >= args.seconds:
             break
-        learner.step(batch.prompts, batch.columns, member_seed(seed, steps, 0, 0))
+        learner.update(batch.prompts, batch.columns, member_seed(seed, steps, 0, 0))
         steps += 1
     return steps
 
@@ -337,8 +337,8 @@ def memory_worker(args: RewardBenchmarkArguments, mode: str, length: int) -> dic
         objective = RewardObjective(tokenizer, *rewards_of(args, start, tokenizer), length)
         config = ZOConfig(num_probes=32, eps=0.01, lr=1e-3, update_rule="adam", loss_shaping="zscore",
                           perturbation="lowrank")  # fmt: skip
-        step = EvolutionStrategiesStep(model, ZOOptimizer(model, config), objective, run_seed=0)
-        run = partial(step.step, PromptBatch(prompts))
+        step = EvolutionStrategies(model, ZOOptimizer(model, config), objective, run_seed=0)
+        run = partial(step.train_step, PromptBatch(prompts))
     before, peak = rss_peak_during(run)
     return {"mode": mode, "completion_tokens": length, "rss_before_mb": round(before, 1),
             "peak_rss_mb": round(peak, 1), "extra_mb": round(peak - before, 1)}  # fmt: skip

@@ -30,8 +30,8 @@ from hf_zoo_rnn.training.reporting import logged_metrics, write_table  # noqa: E
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERFIT_LOSS = 0.1
-BPTT_SGD = ["--optimizer", "bptt_sgd", "--bptt_lr", "0.01"]
-BPTT_ADAMW = ["--optimizer", "bptt_adamw", "--bptt_lr", "0.01"]
+BPTT_SGD = ["--estimator", "bptt", "--bptt_optimizer", "sgd", "--bptt_lr", "0.01"]
+BPTT_ADAMW = ["--estimator", "bptt", "--bptt_optimizer", "adamw", "--bptt_lr", "0.01"]
 OVERFIT = [
     "--config",
     "configs/train/overfit-tiny.yaml",
@@ -51,7 +51,7 @@ EXPERIMENTS: dict[str, dict[str, list[str]]] = {
         "zo-96-eps0.01": OVERFIT + ZO_STABLE + ["--max_steps", "600"],
         "bptt-sgd": OVERFIT + BPTT_SGD + ["--max_steps", "800"],
         # beyond the paper's lr sweep (1e-2..1e-4): SGD with a tuned lr, so ZO is not judged against a slow baseline
-        "bptt-sgd-lr1": OVERFIT + ["--optimizer", "bptt_sgd", "--bptt_lr", "1.0", "--max_steps", "800"],
+        "bptt-sgd-lr1": OVERFIT + [*BPTT_SGD, "--bptt_lr", "1.0", "--max_steps", "800"],
         "bptt-adamw": OVERFIT + BPTT_ADAMW + ["--max_steps", "800"],
     },
     "tasks": {

@@ -124,7 +124,7 @@ def test_any_causal_lm_trains_member_by_member(bpe_tokenizer, tmp_path):
     trainer = ESTrainer(model, length_reward, args, Dataset.from_dict({"prompt": ["You may", "the terms"]}),
                         processing_class=bpe_tokenizer)  # fmt: skip
     assert not trainer.engine and trainer.train() is not None
-    assert trainer.engine.step.batched is False  # not an hf_zoo_rnn model: its own generate, one member at a time
+    assert trainer.engine.estimator.batched is False  # not an hf_zoo_rnn model: its own generate, one member at a time
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert (tmp_path / "gpt2" / "model.safetensors").exists() and "gpt2" in (
         tmp_path / "gpt2" / "README.md"

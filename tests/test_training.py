@@ -211,7 +211,7 @@ def test_bad_inputs_give_one_clear_error_and_keep_what_was_written(tmp_path):
         with pytest.raises(ConfigFileError, match=f"{name} must be at least 1, got 0"):
             parse_arguments([f"--{name}", "0"])
     with pytest.raises(ConfigFileError, match="zo_lr must be positive .* got -1.0"):
-        parse_arguments(["--zo_lr", "-1"])
+        parse_arguments([*PROBES, "--zo_lr", "-1"])
     with pytest.raises(Exception, match="data file not found"):
         run(fast_args(tmp_path / "a", "--dataset", str(tmp_path / "missing.txt"), "--max_steps", "1"))
 

@@ -2,7 +2,8 @@
 
 from .arguments import DataArguments, ModelArguments, TrainArguments, parse_arguments
 from .checkpoints import CheckpointError, latest_checkpoint
-from .trainer import ReplicaMismatchError, TrainingStalledError, ZooTrainer
+from .replicas import ReplicaMismatchError
+from .trainer import TrainingStalledError, ZooTrainer
 
 __all__ = [
     "CheckpointError",

@@ -25,7 +25,8 @@ from ..estimators import RunArguments
 from ..zo import ZOConfig
 from .arguments import DataArguments, ModelArguments, TrainArguments, check_choices
 from .es_config import ESConfig, ESConfigError, plain
-from .trainer import TrainingEvents, ZooTrainer
+from .events import TrainingEvents
+from .trainer import ZooTrainer
 
 logger = logging.getLogger(__name__)
 

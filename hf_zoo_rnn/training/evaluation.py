@@ -57,6 +57,15 @@ def kl_to_reference(model, reference, tokenizer, prompts: list[str], completions
     return total / count if count else math.nan
 
 
+def run_evaluation(
+    args, tokenizer, objective: RewardObjective | None, validation_stream: Callable, validation_data: str
+):
+    """What the run is judged by: its rewards (`objective`, the estimator's), else its next-token loss."""
+    if objective is not None:
+        return RewardEvaluation(args, tokenizer, objective, validation_stream)
+    return LanguageModelEvaluation(args, tokenizer, validation_stream, validation_data)
+
+
 class LanguageModelEvaluation:
     """The next-token objective's evaluation: validation loss (and a task's exact match). A validation set smaller
     than one batch is said once, not at every evaluation."""

@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from huggingface_hub import ModelCard, ModelCardData  # noqa: E402
 
+from .run_folder import OutputDirError  # noqa: E402
+
 TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "zoo_rnn.md"  # package data
 
 
@@ -24,6 +26,15 @@ def logged_metrics(output_dir: Path) -> list[dict]:
     if not path.is_file():
         raise SystemExit(f"{path} does not exist: train that run first")
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def append_record(path: Path, record: dict) -> None:
+    """One logged record as a line of metrics.jsonl; a full disk is one error naming the file."""
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as error:
+        raise OutputDirError(f"cannot write {path}: {error.strerror}") from error
 
 
 RESULT = "RESULT "  # the line a benchmark's worker prints its row on

@@ -3,7 +3,7 @@ whether batches are packed text, task examples or prompts; `BatchSource` hands t
 
 import torch
 
-from ..data import DataError, PackedStream, TaskStream, open_text_source
+from ..data import BUILTIN_KJV, DataError, PackedStream, TaskStream, open_text_source
 from ..data.prompts import PromptBatch, PromptStream
 
 
@@ -19,13 +19,35 @@ def text_source(data_args, validation: bool):
     return open_text_source(data.dataset, split, data.text_column, data.document_column, fraction)
 
 
-def make_stream(
-    data_args, *, objective: str, seed: int, tokenizer, validation: bool, rank: int = 0, world_size: int = 1
-):
-    """Prompts (objective=reward), a task's examples, or packed text (split by process with per_rank_batches)."""
+def data_identity(data_args) -> dict:
+    """What a checkpoint's data position and tokenizer belong to: resuming on anything else cannot continue."""
     data = data_args
+    keys = ("dataset", "task", "prompts", "text_column", "document_column", "tokenizer", "tokenizer_vocab_size")
+    identity = {key: getattr(data, key) for key in keys}
+    if not data.task and data.dataset != BUILTIN_KJV:  # what is held out decides which rows train
+        identity["held_out_fraction"] = 0 if data.validation_dataset else data.validation_fraction
+    return identity
+
+
+def make_stream(
+    data_args,
+    *,
+    objective: str,
+    seed: int,
+    tokenizer,
+    validation: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    prompt_rows: dict | None = None,
+):
+    """Prompts (objective=reward: named by --prompts, or given as `prompt_rows` {"train": rows, "validation": rows
+    or None}, ESTrainer's datasets), a task's examples, or packed text (split by process with per_rank_batches)."""
+    data = data_args
+    split = "validation" if validation else "train"
+    if prompt_rows is not None:
+        rows = prompt_rows[split]
+        return None if rows is None else PromptStream(data.prompts, split, data.batch_size, seed, rows=rows)
     if objective == "reward":
-        split = "validation" if validation else "train"
         return PromptStream(
             data.prompts,
             split,
@@ -48,14 +70,17 @@ def make_stream(
     )
 
 
-def data_descriptions(data_args, objective: str, rewards: str, init_from, train_stream) -> tuple[str, str]:
+def data_descriptions(args, train_stream, prompt_rows: dict | None = None) -> tuple[str, str]:
     """(what trains, what validation evaluates), in words for the logs and the model card."""
-    data = data_args
-    if objective == "reward":
-        return (
-            f"prompts from {data.prompts} scored by {rewards}, from {init_from}",
-            f"held-out prompts from {data.prompts}: their greedy completions' rewards",
-        )
+    data = args.data
+    if args.train.objective == "reward":
+        validation = f"held-out prompts from {data.prompts}: their greedy completions' rewards"
+        if prompt_rows is not None:  # ESTrainer's datasets: validation is its eval_dataset, if any
+            held_out = prompt_rows["validation"]
+            validation = (
+                f"eval_dataset ({len(held_out)} prompts): their greedy completions' rewards" if held_out else "none"
+            )
+        return f"prompts from {data.prompts} scored by {args.train.rewards}, from {args.model.init_from}", validation
     if data.task:
         return (
             f"the {data.task} task, lengths 2-{data.task_max_length}",

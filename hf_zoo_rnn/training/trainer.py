@@ -9,8 +9,6 @@ full model; zero-order estimators exchange only loss scalars, and a parameter ch
 
 import copy
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import resource
@@ -25,49 +23,25 @@ from tqdm.auto import tqdm
 from transformers import TrainerState
 
 from ..data import BUILTIN_KJV
-from ..data.prompts import PromptStream
 from ..estimators import ESTIMATORS, EstimatorInputs, RunArguments, StepReport, build_estimator
 from ..rewards import RewardCall, RewardInterrupted
 from ..zo import ZOConfig
 from .arguments import DataArguments, ModelArguments, TrainArguments
 from .assembly import load_model, load_tokenizer
 from .checkpoints import CheckpointError, latest_checkpoint
-from .evaluation import LanguageModelEvaluation, RewardEvaluation
+from .evaluation import run_evaluation
+from .events import TrainingEvents
 from .persistence import RunStorage
 from .preemption import Preempted, StopRequests
-from .reporting import RunSummary, hardware, plot_loss_curve, write_model_card
-from .run_folder import OutputDirError
-from .streams import BatchSource, data_descriptions, make_stream
+from .replicas import check_replicas
+from .reporting import RunSummary, append_record, hardware, plot_loss_curve, write_model_card
+from .streams import BatchSource, data_descriptions, data_identity, make_stream
 
 logger = logging.getLogger(__name__)
 
 
-class ReplicaMismatchError(RuntimeError):
-    """Processes hold different weights: the run cannot continue."""
-
-
 class TrainingStalledError(RuntimeError):
     """Every step for max_skipped_steps in a row was skipped: training makes no progress."""
-
-
-class TrainingEvents:
-    """What the loop tells whoever listens (ESTrainer bridges these to transformers' TrainerCallbacks). A hook that
-    returns True asks the loop to stop after this step, as a callback's `control.should_training_stop` does."""
-
-    def train_begin(self, trainer: "ZooTrainer") -> None:
-        """The run is set up (model, step and any resumed state in place); training starts."""
-
-    def step_end(self, step: int, metrics: dict) -> bool:
-        return False
-
-    def logged(self, record: dict) -> bool:
-        return False
-
-    def saved(self, folder: Path) -> None:
-        pass
-
-    def train_end(self, final: dict) -> None:
-        pass
 
 
 class ZooTrainer:
@@ -115,7 +89,9 @@ class ZooTrainer:
         set_seed(self.train_args.seed)
         self.storage = RunStorage(self.accelerator, self.train_args)
         self.storage.claim()
-        self.resume_dir = self.storage.resume_folder({"data": self.data_identity(), "run": self.run_identity()})
+        self.resume_dir = self.storage.resume_folder(
+            {"data": data_identity(self.data_args), "run": self.run_identity()}
+        )
         self.tokenizer = load_tokenizer(
             self.args,
             self.accelerator,
@@ -131,41 +107,27 @@ class ZooTrainer:
             self.model_args, self.tokenizer, self.accelerator.device, resume_dir=self.resume_dir, given=self.given_model
         )
         self.batches = BatchSource(lambda: self.make_stream(validation=False), self.data_args, self.accelerator.device)
-        built = build_estimator(
-            EstimatorInputs(
-                self.args,
-                model,
-                self.tokenizer,
-                self.accelerator,
-                self.batches.next_batch,
-                reward_functions=self.reward_functions,
-                start_model=start,
-            )
+        inputs = EstimatorInputs(
+            self.args,
+            model,
+            self.tokenizer,
+            self.accelerator,
+            self.batches.next_batch,
+            reward_functions=self.reward_functions,
+            start_model=start,
         )
+        built = build_estimator(inputs)
         self.estimator, self.model, self.parameter_roles = built.estimator, built.model, built.parameter_roles
         if self.resume_dir is not None:
             self.load_training_state(self.resume_dir)
         self.trainer_state.global_step = self.counters["step"]
-        self.training_data, self.validation_data = data_descriptions(
-            self.data_args,
-            self.train_args.objective,
-            self.train_args.rewards,
-            self.model_args.init_from,
-            self.batches.stream,
-        )
-        if self.prompt_rows is not None:  # ESTrainer's datasets: validation is its eval_dataset, if any
-            held_out = self.prompt_rows["validation"]
-            self.validation_data = (
-                f"eval_dataset ({len(held_out)} prompts): their greedy completions' rewards" if held_out else "none"
-            )
-        validation_stream = lambda: self.make_stream(validation=True)  # noqa: E731 - a fresh one per evaluation
+        self.training_data, self.validation_data = data_descriptions(self.args, self.train_stream, self.prompt_rows)
         if built.objective is not None:
             built.objective.trainer_state = self.trainer_state
-            self.evaluation = RewardEvaluation(self.args, self.tokenizer, built.objective, validation_stream)
-        else:
-            self.evaluation = LanguageModelEvaluation(
-                self.args, self.tokenizer, validation_stream, self.validation_data
-            )
+        validation_stream = lambda: self.make_stream(validation=True)  # noqa: E731 - a fresh one per evaluation
+        self.evaluation = run_evaluation(
+            self.args, self.tokenizer, built.objective, validation_stream, self.validation_data
+        )
         if self.accelerator.is_main_process:
             logger.warning("training on %s; validating on %s", self.training_data, self.validation_data)
 
@@ -173,28 +135,12 @@ class ZooTrainer:
     def train_stream(self):
         return self.batches.stream
 
-    def data_identity(self) -> dict:
-        """What a checkpoint's data position and tokenizer belong to: resuming on anything else cannot continue."""
-        data = self.data_args
-        keys = ("dataset", "task", "prompts", "text_column", "document_column", "tokenizer", "tokenizer_vocab_size")
-        identity = {key: getattr(data, key) for key in keys}
-        if not data.task and data.dataset != BUILTIN_KJV:  # what is held out decides which rows train
-            identity["held_out_fraction"] = 0 if data.validation_dataset else data.validation_fraction
-        return identity
-
     def run_identity(self) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint: otherwise it is another run (the
         architecture is checked against the checkpoint's weights, the data by data_identity)."""
         return {"seed": self.train_args.seed, "estimator": self.train_args.estimator}
 
     def make_stream(self, validation: bool):
-        if self.prompt_rows is not None:  # prompts given as rows (ESTrainer's datasets), not named by --prompts
-            rows = self.prompt_rows["validation" if validation else "train"]
-            split = "validation" if validation else "train"
-            if rows is None:
-                return None
-            data = self.data_args
-            return PromptStream(data.prompts, split, data.batch_size, self.train_args.seed, rows=rows)
         return make_stream(
             self.data_args,
             objective=self.train_args.objective,
@@ -203,6 +149,7 @@ class ZooTrainer:
             validation=validation,
             rank=self.rank,
             world_size=self.world_size,
+            prompt_rows=self.prompt_rows,
         )
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -340,16 +287,8 @@ class ZooTrainer:
         return self.evaluation(self.accelerator.unwrap_model(self.model))
 
     def check_replicas(self) -> None:
-        if self.world_size == 1:
-            return
-        digest = parameter_checksum(self.accelerator.unwrap_model(self.model))
-        mine = torch.tensor([int.from_bytes(digest[:7], "little")], dtype=torch.int64, device=self.accelerator.device)
-        everyone = self.accelerator.gather(mine)
-        self.counters["comm_bytes"] += 8 * self.world_size
-        if not bool((everyone == everyone[0]).all()):
-            raise ReplicaMismatchError(
-                f"step {self.counters['step']}: processes hold different weights (checksums {everyone.tolist()}); stopping"
-            )
+        model = self.accelerator.unwrap_model(self.model)
+        self.counters["comm_bytes"] += check_replicas(self.accelerator, model, self.counters["step"])
 
     def log(self, metrics: dict) -> bool:
         """Record the metrics (trackers, metrics.jsonl); True when a listener asks the run to stop."""
@@ -357,12 +296,7 @@ class ZooTrainer:
         self.history.append(record)
         self.accelerator.log(record, step=self.counters["step"])
         if self.accelerator.is_main_process:
-            path = self.output_dir / "metrics.jsonl"
-            try:
-                with open(path, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            except OSError as error:  # a full disk: say so, not a traceback
-                raise OutputDirError(f"cannot write {path}: {error.strerror}") from error
+            append_record(self.output_dir / "metrics.jsonl", record)
         return self.events.logged(record)
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
@@ -372,7 +306,7 @@ class ZooTrainer:
             "counters": self.counters,
             "history": self.history,
             "world_size": self.world_size,
-            "data": self.data_identity(),
+            "data": data_identity(self.data_args),
             "run": self.run_identity(),
         }
         process_state = {"data": self.batches.state_dict(), "rng": torch.get_rng_state()}
@@ -429,14 +363,6 @@ class ZooTrainer:
             ({k: v for k, v in r.items() if k.startswith("eval_")} for r in reversed(self.history) if "eval_loss" in r),
             {},
         )
-
-
-def parameter_checksum(model: torch.nn.Module) -> bytes:
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.digest()
 
 
 def peak_memory_mb(device: torch.device) -> float:
