@@ -700,3 +700,22 @@ def test_bad_data_and_options_each_give_one_line_naming_the_cause(tmp_path):
             run_script("generate.py", "--model", str(source), "--max_new_tokens", value)
         assert f"--max_new_tokens must be at least 1, got {value}" in caught.value.stderr
         assert "Traceback" not in caught.value.stderr
+
+
+def test_every_registered_estimator_parses_describes_itself_and_owns_its_options():
+    from dataclasses import fields
+
+    from hf_zoo_rnn.estimators import ARGUMENT_GROUPS, ESTIMATORS
+    from hf_zoo_rnn.training.arguments import TrainArguments
+
+    zero_order = PROBES[2:]  # the zo_ options without the estimator
+    needs = {"probes": zero_order, "hybrid": zero_order}
+    needs["es"] = [*zero_order, "--init_from", "x", "--prompts", "add", "--rewards", "add_exact"]
+    names = {field.name for field in fields(TrainArguments)}
+    for name, spec in ESTIMATORS.items():
+        args = parse_arguments(["--estimator", name, *needs.get(name, [])])
+        assert args.train.objective == spec.objective
+        sentence, rows = spec.describe(args), spec.card_rows(args)
+        assert sentence.startswith("**") and all(len(row) == 2 for row in rows), name
+        for group in spec.arguments:  # its options parse as the run's
+            assert group in ARGUMENT_GROUPS and {field.name for field in fields(group)} <= names

@@ -2,9 +2,10 @@
 the run's `--estimator` names one in the registry (registry.py)."""
 
 from .protocol import BuiltEstimator, Estimator, EstimatorInputs, EstimatorSpec, RunArguments, StepReport
-from .registry import ESTIMATORS, build_estimator
+from .registry import ARGUMENT_GROUPS, ESTIMATORS, build_estimator
 
 __all__ = [
+    "ARGUMENT_GROUPS",
     "ESTIMATORS",
     "BuiltEstimator",
     "Estimator",

@@ -90,6 +90,7 @@ BPTT = EstimatorSpec(
     build=build_bptt,
     describe=lambda args: f"**truncated backpropagation through time** ({args.train.bptt_optimizer}), the baseline",
     check=check_bptt,
+    arguments=(BPTTArguments,),
     card_rows=lambda args: [
         (
             "BPTT",

@@ -16,7 +16,7 @@ from ..zo import ZOOptimizer
 from ..zo.estimator import prompt_means
 from ..zo.optimizer import Population
 from .local import partition, roles
-from .probes import check_zero_order, gathered, probe_rows, zo_optimizer, zo_report
+from .probes import ProbeArguments, check_zero_order, gathered, probe_rows, zo_optimizer, zo_report
 from .protocol import BuiltEstimator, EstimatorInputs, EstimatorSpec, RunArguments, StepReport, parts_of, tagged
 
 REWARD_AGGREGATIONS = ("mean", "best")
@@ -161,6 +161,7 @@ def build_es(inputs: EstimatorInputs) -> BuiltEstimator:
     if start is not None:
         start.eval().requires_grad_(False)
     objective = reward_objective(args.train, start, inputs.tokenizer, inputs.reward_functions)
+    objective.trainer_state = inputs.trainer_state
     if args.train.anchor_decay:
         zo.set_anchor([dict(start.named_parameters())[name] for name in names], args.train.anchor_decay)
     estimator = EvolutionStrategies(accelerator.unwrap_model(model), zo, objective, accelerator, args.train.seed)
@@ -265,5 +266,6 @@ ES = EstimatorSpec(
     ),
     check=check_es,
     card_rows=es_rows,
+    arguments=(RewardArguments, ProbeArguments),
     objective="reward",
 )

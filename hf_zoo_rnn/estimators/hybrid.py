@@ -4,8 +4,8 @@
 from functools import partial
 
 from ..config_files import ConfigFileError
-from .local import LocalEstimator, check_local, local_gradient, local_rows, partition, roles
-from .probes import ProbeEstimator, check_zero_order, next_token_loss, probe_rows, zo_optimizer
+from .local import LocalArguments, LocalEstimator, check_local, local_gradient, local_rows, partition, roles
+from .probes import ProbeArguments, ProbeEstimator, check_zero_order, next_token_loss, probe_rows, zo_optimizer
 from .protocol import BuiltEstimator, EstimatorInputs, EstimatorSpec, RunArguments, StepReport, parts_of, tagged
 
 
@@ -86,4 +86,5 @@ HYBRID = EstimatorSpec(
     ),
     check=check_hybrid,
     card_rows=lambda args: [*probe_rows(args), *local_rows(args, args.train.local_scope)],
+    arguments=(LocalArguments, ProbeArguments),
 )

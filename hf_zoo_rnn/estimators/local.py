@@ -279,6 +279,7 @@ ONE_STEP = EstimatorSpec(
     ),
     check=check_local,
     card_rows=lambda args: local_rows(args, "one_step"),
+    arguments=(LocalArguments,),
 )
 READOUT = EstimatorSpec(
     name="readout",
@@ -289,4 +290,5 @@ READOUT = EstimatorSpec(
     ),
     check=check_local,
     card_rows=lambda args: local_rows(args, "readout"),
+    arguments=(LocalArguments,),
 )

@@ -198,4 +198,5 @@ PROBES = EstimatorSpec(
     ),
     check=check_probes,
     card_rows=probe_rows,
+    arguments=(ProbeArguments,),
 )

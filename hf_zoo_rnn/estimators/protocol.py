@@ -69,6 +69,7 @@ class EstimatorInputs:
     next_batch: Callable  # a further training batch (local_steps > 1)
     reward_functions: list | None = None  # ESTrainer's callables, in place of --rewards
     start_model: torch.nn.Module | None = None  # ESTrainer's starting weights, frozen
+    trainer_state: Any = None  # transformers' TrainerState of the run: what reward functions get, as in TRL
 
     @property
     def batch_copies(self) -> int:
@@ -108,4 +109,5 @@ class EstimatorSpec:
     describe: Callable[[RunArguments], str]
     check: Callable[[RunArguments], None] = lambda args: None
     card_rows: Callable[[RunArguments], list[tuple[str, str]]] = lambda args: []
+    arguments: tuple[type, ...] = ()  # the dataclasses of the options it reads (they join TrainArguments)
     objective: str = "lm"  # what it trains on: lm (next-token loss of the data) or reward (rewards of prompts)

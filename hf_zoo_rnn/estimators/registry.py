@@ -1,5 +1,6 @@
 """Every `--estimator` choice, by name. Adding an estimator is one module (its argument dataclass, class, builder,
-checks and card text, bundled as an `EstimatorSpec`) and one line here."""
+checks and card text, bundled as an `EstimatorSpec`) and its name in the tuple below: its options then parse as
+part of TrainArguments."""
 
 from .bptt import BPTT
 from .evolution import ES
@@ -9,6 +10,10 @@ from .probes import PROBES
 from .protocol import BuiltEstimator, EstimatorInputs, EstimatorSpec
 
 ESTIMATORS: dict[str, EstimatorSpec] = {spec.name: spec for spec in (ONE_STEP, READOUT, PROBES, HYBRID, ES, BPTT)}
+# every estimator's argument dataclasses, each once, in the order the estimators are listed
+ARGUMENT_GROUPS: tuple[type, ...] = tuple(
+    dict.fromkeys(group for spec in ESTIMATORS.values() for group in spec.arguments)
+)
 
 
 def build_estimator(inputs: EstimatorInputs) -> BuiltEstimator:

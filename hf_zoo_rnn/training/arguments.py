@@ -20,11 +20,7 @@ from transformers import HfArgumentParser
 
 from ..config_files import ConfigFileError, check_known_keys, config_path, read_yaml
 from ..data.corpus import VALIDATION_FRACTION
-from ..estimators import ESTIMATORS, RunArguments
-from ..estimators.bptt import BPTTArguments
-from ..estimators.evolution import RewardArguments
-from ..estimators.local import LocalArguments
-from ..estimators.probes import ProbeArguments
+from ..estimators import ARGUMENT_GROUPS, ESTIMATORS, RunArguments
 from ..zo import ZOConfig
 
 HUB_STRATEGIES = ("end", "every_save", "all_checkpoints")
@@ -101,8 +97,9 @@ class DataArguments:
 
 
 @dataclass
-class TrainArguments(RewardArguments, BPTTArguments, ProbeArguments, LocalArguments):
-    """The run's options, and every estimator's own group (its dataclass lives beside it in hf_zoo_rnn/estimators)."""
+class TrainArguments(*reversed(ARGUMENT_GROUPS)):
+    """The run's options, and every estimator's own group (its dataclass lives beside it in hf_zoo_rnn/estimators,
+    named by its EstimatorSpec)."""
 
     output_dir: str = field(default="outputs/default", metadata={"help": "checkpoints, logs and the final model"})
     overwrite_output_dir: bool = field(

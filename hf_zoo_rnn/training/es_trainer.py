@@ -10,6 +10,7 @@ two runs are bitwise equal for equal settings (tested). An hf_zoo_rnn model take
 other transformers causal LM trains member by member through its own `generate`.
 """
 
+import copy
 import hashlib
 import json
 import logging
@@ -222,11 +223,14 @@ class ESTrainer:
         final evaluation."""
         resume = "latest" if resume_from_checkpoint is True else resume_from_checkpoint or None
         events = CallbackEvents(self)
+        # the starting weights, frozen (what the anchor decays toward), taken before a resume loads the checkpoint
+        start = copy.deepcopy(self.model) if self.args.anchor_decay else None
         self.engine = ZooTrainer(
             *self.arguments(resume),
             model=self.model,
             tokenizer=self.processing_class,
             reward_functions=self.rewards(),
+            start_model=start,
             prompt_rows=self.rows,
             events=events,
             use_cpu=self.args.use_cpu,

@@ -7,7 +7,6 @@ full model; zero-order estimators exchange only loss scalars, and a parameter ch
 (data); files, resume, checkpoints and pushes are persistence.py's; evaluation is the objective's (evaluation.py).
 """
 
-import copy
 import dataclasses
 import logging
 import math
@@ -58,6 +57,7 @@ class ZooTrainer:
         model=None,
         tokenizer=None,
         reward_functions: list | None = None,
+        start_model=None,
         prompt_rows: dict[str, list[dict] | None] | None = None,
         events: TrainingEvents | None = None,
         use_cpu: bool = False,
@@ -65,6 +65,7 @@ class ZooTrainer:
         self.args = RunArguments(model_args, data_args, train_args, zo_config)
         self.model_args, self.data_args, self.train_args, self.zo_config = self.args
         self.given_model, self.given_tokenizer, self.reward_functions = model, tokenizer, reward_functions
+        self.start_model = start_model  # the given model's starting weights, frozen (ESTrainer's anchor)
         self.prompt_rows = prompt_rows  # {"train": rows, "validation": rows or None} instead of --prompts
         self.events = events or TrainingEvents()
         self.output_dir = Path(train_args.output_dir)
@@ -100,9 +101,6 @@ class ZooTrainer:
             per_machine=self.storage.per_machine,
             given=self.given_tokenizer,
         )
-        start = None  # a given model's starting weights, frozen (what an anchor decays toward), before a resume
-        if self.given_model is not None and self.train_args.anchor_decay:
-            start = copy.deepcopy(self.given_model).to(self.accelerator.device)
         model = load_model(
             self.model_args, self.tokenizer, self.accelerator.device, resume_dir=self.resume_dir, given=self.given_model
         )
@@ -114,7 +112,8 @@ class ZooTrainer:
             self.accelerator,
             self.batches.next_batch,
             reward_functions=self.reward_functions,
-            start_model=start,
+            start_model=None if self.start_model is None else self.start_model.to(self.accelerator.device),
+            trainer_state=self.trainer_state,
         )
         built = build_estimator(inputs)
         self.estimator, self.model, self.parameter_roles = built.estimator, built.model, built.parameter_roles
@@ -122,8 +121,6 @@ class ZooTrainer:
             self.load_training_state(self.resume_dir)
         self.trainer_state.global_step = self.counters["step"]
         self.training_data, self.validation_data = data_descriptions(self.args, self.train_stream, self.prompt_rows)
-        if built.objective is not None:
-            built.objective.trainer_state = self.trainer_state
         validation_stream = lambda: self.make_stream(validation=True)  # noqa: E731 - a fresh one per evaluation
         self.evaluation = run_evaluation(
             self.args, self.tokenizer, built.objective, validation_stream, self.validation_data
