@@ -24,8 +24,6 @@ from huggingface_hub import HfApi, snapshot_download
 logger = logging.getLogger(__name__)
 
 HUB_CHECKPOINT = re.compile(r"^hf://(?P<repo>[^/@]+/[^/@]+)(?:@(?P<revision>[^/]+))?/(?P<path>checkpoint-\d+)$")
-# what a checkpoint holds only for resuming: pushed with hub_strategy=all_checkpoints, not to the model repo root
-RESUME_ONLY = ["optimizer.*", "process_*.*", "trainer_state.json"]
 SNAPSHOT_PREFIX = ".hub-push-"
 
 
@@ -35,6 +33,7 @@ def push_folder(
     repo_id: str,
     private: bool,
     message: str,
+    *,
     path_in_repo: str | None = None,
     ignore_patterns: list[str] | None = None,
     retries: int = 5,
@@ -76,6 +75,7 @@ class HubPusher:
         self,
         repo_id: str,
         snapshot_dir: Path,
+        *,
         private: bool = False,
         token: str | None = None,
         retries: int = 5,
@@ -107,8 +107,9 @@ class HubPusher:
                 old, old_snapshot, old_message = self.waiting.pop(0)
                 if old.set_running_or_notify_cancel():  # not started: drop it for the newer one
                     shutil.rmtree(old_snapshot, ignore_errors=True)
-                    logger.warning("push %r to %s superseded by %r before it started", old_message, self.repo_id,
-                                   message)  # fmt: skip
+                    logger.warning(
+                        "push %r to %s superseded by %r before it started", old_message, self.repo_id, message
+                    )
                     old.set_result(False)
             self.waiting.append((future, snapshot, message))
             self.pending.append(future)
@@ -126,16 +127,29 @@ class HubPusher:
             pushed = False
             try:
                 folder = snapshot / "folder"
-                retrying = (self.retries, self.retry_seconds)
-                url = push_folder(self.api, folder, self.repo_id, self.private, message, path_in_repo,
-                                  ignore_patterns, *retrying)  # fmt: skip
+                url = push_folder(
+                    self.api,
+                    folder,
+                    self.repo_id,
+                    self.private,
+                    message,
+                    path_in_repo=path_in_repo,
+                    ignore_patterns=ignore_patterns,
+                    retries=self.retries,
+                    retry_seconds=self.retry_seconds,
+                )
                 self.pushed.append(url)
                 pushed = True
             except Exception as error:
                 cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 self.failed.append(f"{message}: {cause}")
-                logger.error("giving up pushing %r to %s after %d retries: %s (local files are intact)", message,
-                             self.repo_id, self.retries, error)  # fmt: skip
+                logger.error(
+                    "giving up pushing %r to %s after %d retries: %s (local files are intact)",
+                    message,
+                    self.repo_id,
+                    self.retries,
+                    error,
+                )
             finally:
                 shutil.rmtree(snapshot, ignore_errors=True)
                 future.set_result(pushed)
@@ -197,16 +211,16 @@ def load_trained(reference: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if is_local_reference(reference):
+        from .training.checkpoints import CONFIG_NAME, model_folder_problem  # here: the training package imports hub
+
         path = Path(reference).expanduser()
         if not path.is_dir():
             raise ModelReferenceError(f"{reference}: no such folder (a Hub model is named owner/name)")
-        if not (path / "config.json").is_file():
+        if not (path / CONFIG_NAME).is_file():
             raise ModelReferenceError(
-                f"{path} holds no trained model (no config.json): pass a finished run's output_dir or one of its "
+                f"{path} holds no trained model (no {CONFIG_NAME}): pass a finished run's output_dir or one of its "
                 "checkpoint-N folders"
             )
-        from .training.checkpoints import model_folder_problem  # here: the training package imports this module
-
         if (problem := model_folder_problem(path)) is not None:
             raise ModelReferenceError(f"cannot load the model in {path}: {problem}")
         try:

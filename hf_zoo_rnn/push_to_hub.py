@@ -10,6 +10,7 @@ from huggingface_hub import HfApi
 from transformers import HfArgumentParser
 
 from hf_zoo_rnn.hub import push_folder
+from hf_zoo_rnn.training.checkpoints import CONFIG_NAME
 
 
 @dataclass
@@ -27,8 +28,8 @@ class PushArguments:
 def main() -> None:
     (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses()
     folder = Path(args.folder)
-    if not (folder / "config.json").is_file():
-        raise SystemExit(f"{folder} has no config.json: not a trained output folder")
+    if not (folder / CONFIG_NAME).is_file():
+        raise SystemExit(f"{folder} has no {CONFIG_NAME}: not a trained output folder")
     ignore = [".tmp-*/*", ".hub-push-*/*", "tokenizer/*", "hf_zoo_rnn/*"]
     if not args.include_checkpoints:
         ignore.append("checkpoint-*/*")

@@ -14,7 +14,7 @@ writes, every safetensors header must be JSON whose offsets stay inside the file
 the file and what is wrong, and `latest` falls back to the newest checkpoint that passes.
 
 Nothing in a checkpoint can run code when it is loaded: the model is safetensors + JSON (transformers), and every
-other state (optimizer, data position, RNG) is `NAME.safetensors` for its tensors plus `NAME.json` for the rest
+other state (the estimator's, data position, RNG) is `NAME.safetensors` for its tensors plus `NAME.json` for the rest
 (`save_state` / `load_state`). Checkpoints of older versions hold pickles (`NAME.pt`): they are read with
 `torch.load(weights_only=True)`, which refuses any object other than tensors and plain containers.
 """
@@ -37,23 +37,52 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
+
+# The files of a checkpoint. The model's and the tokenizer's are what save_pretrained writes, checked here before
+# transformers reads them; each constant is named as transformers names its own.
 MANIFEST = "manifest.json"
+TRAINER_STATE_NAME = "trainer_state.json"
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.json"
+# The other states are stems: save_state writes NAME.safetensors + NAME.json (older versions: NAME.pt).
+# The estimator's state keeps the name "optimizer" that every checkpoint so far has on disk.
+ESTIMATOR_STATE_NAME = "optimizer"
+PROCESS_STATE_PREFIX = "process_"  # + the process's rank: process_state_name
+PROCESS_STATE_FILE = re.compile(rf"^{PROCESS_STATE_PREFIX}\d+\.(json|pt)$")
+# the JSON file of each state, which state_file_problem checks (an older version's NAME.pt is left to load_state)
+STATE_DATA_FILE = re.compile(rf"^({ESTIMATOR_STATE_NAME}|{PROCESS_STATE_PREFIX}\d+)\.json$")
+# every checkpoint holds one of each group (the first name: this version; the others: older versions), and the state
+# of at least one process (with a disk per machine, a machine's checkpoint holds only its own processes' states)
+REQUIRED_FILES = (
+    (TRAINER_STATE_NAME,),
+    (CONFIG_NAME,),
+    (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME),
+    (f"{ESTIMATOR_STATE_NAME}.json", f"{ESTIMATOR_STATE_NAME}.pt"),
+    (TOKENIZER_FILE,),
+)
+# what a checkpoint holds only for resuming: pushed with hub_strategy=all_checkpoints, not to the model repo root
+RESUME_ONLY = [f"{ESTIMATOR_STATE_NAME}.*", f"{PROCESS_STATE_PREFIX}*.*", TRAINER_STATE_NAME]
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on a header
 # bytes per element of each safetensors dtype
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
-# every checkpoint holds one of each group (the first name: this version; the others: older versions), and the state
-# of at least one process (with a disk per machine, a machine's checkpoint holds only its own processes' states)
-REQUIRED_FILES = (
-    ("trainer_state.json",),
-    ("config.json",),
-    ("model.safetensors", "model.safetensors.index.json"),
-    ("optimizer.json", "optimizer.pt"),
-    ("tokenizer.json",),
-)
-PROCESS_STATE = re.compile(r"^process_\d+\.(json|pt)$")
+DTYPE_BYTES = {
+    dtype: size
+    for size, dtypes in (
+        (1, ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3")),
+        (2, ("I16", "U16", "F16", "BF16")),
+        (4, ("I32", "U32", "F32")),
+        (8, ("I64", "U64", "F64")),
+    )
+    for dtype in dtypes
+}
+
+
+def process_state_name(rank: int) -> str:
+    """The stem of process `rank`'s state (its data position and RNG)."""
+    return f"{PROCESS_STATE_PREFIX}{rank}"
 
 
 class CheckpointError(ValueError):
@@ -250,8 +279,8 @@ def model_folder_problem(folder: Path) -> str | None:
     load. Checks what transformers would read: config.json, every safetensors header, a sharded model's index, the
     tokenizer's files."""
     try:
-        read_object(folder / "config.json")
-        index = folder / "model.safetensors.index.json"
+        read_object(folder / CONFIG_NAME)
+        index = folder / SAFE_WEIGHTS_INDEX_NAME
         if index.is_file():
             weight_map = read_object(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
@@ -261,8 +290,8 @@ def model_folder_problem(folder: Path) -> str | None:
                     return f"{index} names {shard!r}, a file outside {folder}"
                 if not (folder / shard).is_file():
                     return f"{folder / shard} is missing (named by {index.name})"
-        elif not (folder / "model.safetensors").is_file():
-            return f"{folder} holds no weights (no model.safetensors)"
+        elif not (folder / SAFE_WEIGHTS_NAME).is_file():
+            return f"{folder} holds no weights (no {SAFE_WEIGHTS_NAME})"
         for path in sorted(folder.glob("*.safetensors")):
             if (problem := safetensors_problem(path)) is not None:
                 return problem
@@ -276,7 +305,7 @@ def tokenizer_problem(folder: Path) -> str | None:
     every fast tokenizer), and the JSON files beside it."""
     from tokenizers import Tokenizer
 
-    main = folder / "tokenizer.json"
+    main = folder / TOKENIZER_FILE
     if not main.is_file():
         return f"{folder} has no tokenizer: {main.name} is missing (copy the tokenizer files the run saved with it)"
     for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
@@ -293,7 +322,7 @@ def tokenizer_problem(folder: Path) -> str | None:
 
 def trainer_state_problem(folder: Path) -> str | None:
     """trainer_state.json must hold what this version writes: counters, history, world_size (and data and run)."""
-    path = folder / "trainer_state.json"
+    path = folder / TRAINER_STATE_NAME
     state = read_object(path)
     counters = state.get("counters")
     if not isinstance(counters, dict) or not all(is_count(counters.get(k)) for k in ("step", "tokens")):
@@ -324,7 +353,7 @@ def state_file_problem(folder: Path, name: str) -> str | None:
     value = read_json(data_file)
     if (problem := safetensors_problem(tensor_file)) is not None:
         return problem
-    if not name.startswith("process_"):
+    if not name.startswith(PROCESS_STATE_PREFIX):
         return None if isinstance(value, dict) else f"{data_file} holds {type_name(value)}, not a JSON object"
     if not isinstance(value, dict) or not isinstance(value.get("data"), dict) or "rng" not in value:
         return f"{data_file} must be an object with data (an object) and rng, found {json.dumps(value)[:80]}"
@@ -393,15 +422,16 @@ def checkpoint_problem(folder: Path, follow_links: bool = False) -> str | None:
     for group in REQUIRED_FILES:
         if not files & set(group):
             return f"{folder / group[0]} is missing: {folder.name} is not a complete checkpoint"
-    if not any(PROCESS_STATE.match(name) for name in files):
-        return f"{folder} holds no process state (process_N.json): {folder.name} is not a complete checkpoint"
+    if not any(PROCESS_STATE_FILE.match(name) for name in files):
+        expected = f"{PROCESS_STATE_PREFIX}N.json"
+        return f"{folder} holds no process state ({expected}): {folder.name} is not a complete checkpoint"
     try:
         if (folder / MANIFEST).is_file():
             if (problem := manifest_problem(folder, files)) is not None:
                 return problem
         else:
             logger.warning("%s has no %s (written by an older version): its files cannot be verified", folder, MANIFEST)
-        names = sorted({name.split(".")[0] for name in files if re.match(r"^(optimizer|process_\d+)\.json$", name)})
+        names = sorted({name.split(".")[0] for name in files if STATE_DATA_FILE.match(name)})
         problems = (
             trainer_state_problem(folder),
             model_folder_problem(folder),

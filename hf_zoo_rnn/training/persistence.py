@@ -1,8 +1,9 @@
 """Persistence: where a run's files live, what it resumes from, its checkpoints, its final model and its pushes.
 
-A checkpoint holds the model and tokenizer (save_pretrained), the step's state (`optimizer` in safetensors + JSON),
-each process's data position and RNG (`process_N`), and trainer_state.json (counters, history, and the identity of
-the run and its data, which a resume must match). Everything is written atomically (checkpoints.py)."""
+A checkpoint holds the model and tokenizer (save_pretrained), the estimator's state (`optimizer` in safetensors +
+JSON), each process's data position and RNG (`process_N`), and trainer_state.json (counters, history, and the identity
+of the run and its data, which a resume must match). Everything is written atomically, under the file names that
+checkpoints.py defines."""
 
 import json
 import logging
@@ -13,13 +14,17 @@ from accelerate.utils import broadcast_object_list, gather_object
 from huggingface_hub import HfApi
 
 from ..config_files import ConfigFileError
-from ..hub import RESUME_ONLY, HubPusher, PushFailedError, resolve_hub_checkpoint
+from ..hub import HubPusher, PushFailedError, resolve_hub_checkpoint
 from .checkpoints import (
+    ESTIMATOR_STATE_NAME,
+    RESUME_ONLY,
+    TRAINER_STATE_NAME,
     CheckpointError,
     checkpoint_problem,
     checkpoints,
     latest_checkpoint,
     load_state,
+    process_state_name,
     prune_checkpoints,
     publish_atomically,
     read_object,
@@ -28,7 +33,7 @@ from .checkpoints import (
     verified_steps,
     write_atomically,
 )
-from .run_folder import OutputDirError, check_fresh_start, claim_output_dir
+from .run_folder import LOG_FILE, OutputDirError, check_fresh_start, claim_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +46,7 @@ class RunStorage:
         self.output_dir = Path(train_args.output_dir)
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         self.per_machine = self.storage_mode() == "per_machine"
-        # who writes the files every process shares (model, tokenizer, optimizer, trainer state)
+        # who writes the files every process shares (model, tokenizer, estimator state, trainer state)
         self.writes_shared = accelerator.is_local_main_process if self.per_machine else accelerator.is_main_process
         self.pusher = self.make_pusher() if train_args.push_to_hub and accelerator.is_main_process else None
         self.output_lock = None
@@ -110,8 +115,8 @@ class RunStorage:
                 f"resume_from_checkpoint='latest' but {self.output_dir} holds no checkpoint"
                 + (f" that verifies ({len(damaged)} damaged: {newest_problem(damaged[-1])})" if damaged else "")
             )
-        if not (path / "trainer_state.json").is_file():
-            raise CheckpointError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+        if not (path / TRAINER_STATE_NAME).is_file():
+            raise CheckpointError(f"{path} is not a complete checkpoint (no {TRAINER_STATE_NAME})")
         if choice == "latest":  # latest_checkpoint verified it
             if path != checkpoints(self.output_dir)[-1]:
                 logger.warning("resuming from %s, the newest checkpoint that verifies", path)
@@ -123,7 +128,7 @@ class RunStorage:
 
     def check_steps_left(self, folder: Path) -> None:
         """A checkpoint past max_steps cannot train: one line, not a run that silently does nothing."""
-        step, max_steps = read_object(folder / "trainer_state.json")["counters"]["step"], self.train_args.max_steps
+        step, max_steps = read_object(folder / TRAINER_STATE_NAME)["counters"]["step"], self.train_args.max_steps
         if step > max_steps:
             raise CheckpointError(
                 f"{folder} is at step {step}, past --max_steps {max_steps}: there is nothing to train. Raise "
@@ -134,19 +139,20 @@ class RunStorage:
                 "%s is at --max_steps %d already: it is evaluated and saved again, not trained", folder, step
             )
 
-    def save_checkpoint(self, step: int, model, tokenizer, process_state: dict, step_state: dict,
-                        trainer_state: dict, write_report) -> Path:  # fmt: skip
+    def save_checkpoint(
+        self, step: int, model, tokenizer, process_state: dict, step_state: dict, trainer_state: dict, write_report
+    ) -> Path:
         """checkpoint-{step}: per process its data position and RNG; from the writer the model, tokenizer, the
         step's state and the trainer state; then prune and push."""
         target = self.output_dir / f"checkpoint-{step}"
 
         def write(folder: Path) -> None:
-            save_state(process_state, folder, f"process_{self.rank}")
+            save_state(process_state, folder, process_state_name(self.rank))
             if self.writes_shared:
                 model.save_pretrained(folder, max_shard_size=self.train_args.max_shard_size)
                 tokenizer.save_pretrained(folder)
-                save_state(step_state, folder, "optimizer")
-                (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+                save_state(step_state, folder, ESTIMATOR_STATE_NAME)
+                (folder / TRAINER_STATE_NAME).write_text(json.dumps(trainer_state, indent=1))
                 write_report(folder)
 
         write_atomically(target, write, self.accelerator, owner=self.writes_shared)
@@ -159,27 +165,29 @@ class RunStorage:
 
     def load_checkpoint(self, folder: Path, per_rank_batches: bool) -> tuple[dict, dict, dict]:
         """(trainer state, this process's state, the step's state) of a checkpoint written by this run."""
-        state = read_object(folder / "trainer_state.json")  # its shape was checked with the checkpoint
+        state = read_object(folder / TRAINER_STATE_NAME)  # its shape was checked with the checkpoint
         if state["world_size"] != self.world_size and per_rank_batches:
             raise CheckpointError(
                 f"{folder} was written by {state['world_size']} processes with per_rank_batches; resume with the same number"
             )
         if self.accelerator.is_main_process:  # a killed run logged past its checkpoint: this run logs those steps again
             self.rewrite_log(state["history"])
-        name = f"process_{self.rank if state['world_size'] == self.world_size else 0}"
+        name = process_state_name(self.rank if state["world_size"] == self.world_size else 0)
         process_state = load_state(folder, name)
         if not isinstance(process_state, dict) or not isinstance(process_state.get("data"), dict):
             raise CheckpointError(f"{folder / name}.json holds no data position (an object under data)")
         device = self.accelerator.device  # a CPU process of a multi-machine run gets "cpu:0": load it to "cpu"
-        step_state = load_state(folder, "optimizer", device=str(device) if device.type != "cpu" else "cpu")
+        step_state = load_state(folder, ESTIMATOR_STATE_NAME, device=str(device) if device.type != "cpu" else "cpu")
         if not isinstance(step_state, dict):
-            raise CheckpointError(f"{folder / 'optimizer.json'} holds {type(step_state).__name__}, not a step's state")
+            raise CheckpointError(
+                f"{folder / ESTIMATOR_STATE_NAME}.json holds {type(step_state).__name__}, not a step's state"
+            )
         return state, process_state, step_state
 
     def rewrite_log(self, history: list[dict]) -> None:
         """metrics.jsonl as of the checkpoint, written anew: a link in its place is replaced, never written through."""
-        path = self.output_dir / "metrics.jsonl"
-        staging = self.output_dir / ".tmp-metrics.jsonl"
+        path = self.output_dir / LOG_FILE
+        staging = self.output_dir / f".tmp-{LOG_FILE}"
         try:
             remove(staging)
             staging.write_text("".join(json.dumps(r) + "\n" for r in history))
@@ -204,8 +212,12 @@ class RunStorage:
         final_push = self.pusher.push(self.output_dir, f"End of training, step {step}", ignore_patterns=ignore)
         self.pusher.wait(self.train_args.hub_timeout)  # the run ends when the pushes have ended or timed out
         if self.pusher.failed:
-            logger.error("%d push(es) to %s failed; the local output in %s is complete", len(self.pusher.failed),
-                         self.pusher.repo_id, self.output_dir)  # fmt: skip
+            logger.error(
+                "%d push(es) to %s failed; the local output in %s is complete",
+                len(self.pusher.failed),
+                self.pusher.repo_id,
+                self.output_dir,
+            )
         if not (final_push.done() and final_push.result()):
             raise PushFailedError(
                 f"training finished and {self.output_dir} holds the model, but pushing it to {self.pusher.repo_id} "
@@ -227,7 +239,12 @@ class RunStorage:
                 ) from None
             repo_id = f"{user}/{self.output_dir.name}"
         return HubPusher(
-            repo_id, self.output_dir, args.hub_private, args.hub_token, args.hub_retries, args.hub_retry_seconds
+            repo_id,
+            self.output_dir,
+            private=args.hub_private,
+            token=args.hub_token,
+            retries=args.hub_retries,
+            retry_seconds=args.hub_retry_seconds,
         )
 
     def push_checkpoint(self, folder: Path, step: int) -> None:
@@ -245,7 +262,7 @@ def newest_problem(folder: Path) -> str:
 
 def check_same_run(folder: Path, identities: dict[str, dict]) -> None:
     """A checkpoint carries over only to the run that wrote it: the same data and run identity (what it records)."""
-    state = read_object(folder / "trainer_state.json")
+    state = read_object(folder / TRAINER_STATE_NAME)
     for kind, identity in identities.items():
         saved = state.get(kind)
         if saved is None:  # written before checkpoints recorded it

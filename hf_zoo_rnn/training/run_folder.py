@@ -25,14 +25,14 @@ import time
 from pathlib import Path
 from typing import IO
 
-from .checkpoints import remove
+from .checkpoints import TRAINER_STATE_NAME, remove
 
 LOCK_FILE = ".run.lock"
 LOG_FILE = "metrics.jsonl"
 # what a run leaves that a later run would otherwise mistake for its own, by exact name
 RUN_FILES = re.compile(
-    r"^(checkpoint-\d+|\.tmp-(checkpoint-\d+|final|metrics\.jsonl)|\.hub-push-[A-Za-z0-9_]+|\.storage-check-[0-9a-f]+|"
-    r"metrics\.jsonl|trainer_state\.json)$"
+    rf"^(checkpoint-\d+|\.tmp-(checkpoint-\d+|final|{re.escape(LOG_FILE)})|\.hub-push-[A-Za-z0-9_]+|"
+    rf"\.storage-check-[0-9a-f]+|{re.escape(LOG_FILE)}|{re.escape(TRAINER_STATE_NAME)})$"
 )
 # files the trainer opens for writing in place (the rest it renames into place, which replaces a link, never
 # follows it), and folders it writes into (the tokenizer it trains, the trackers' logs under the project name)
