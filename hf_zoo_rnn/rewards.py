@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
-from .data.tasks import IGNORE_INDEX, answer_batch
+from .data.tasks import answer_batch, prompt_completion_ids
 from .forwards.population import members_generate
+from .modeling_zoo_rnn import IGNORE_INDEX
 
 RewardFunction = Callable[..., list[float]]
 
@@ -143,11 +144,7 @@ class Fluency:
     @torch.inference_mode()
     def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
         tokenizer, device = self.tokenizer, self.model.device
-        pairs = [
-            (tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id],
-             tokenizer(completion, add_special_tokens=False)["input_ids"])
-            for prompt, completion in zip(prompts, completions, strict=True)
-        ]  # fmt: skip
+        pairs = [prompt_completion_ids(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
         rewards = [0.0] * len(pairs)  # an empty completion scores 0
         scored = [row for row, (_, answer) in enumerate(pairs) if answer]
         for first in range(0, len(scored), self.batch_size):
@@ -197,9 +194,13 @@ def reward_number(value) -> float | None:
 
 
 def reward_values(
-    function: RewardFunction, prompts: list[str], completions: list[str], columns: dict[str, list],
+    function: RewardFunction,
+    prompts: list[str],
+    completions: list[str],
+    columns: dict[str, list],
+    *,
     timeout: float = 0.0,
-) -> list[float | None]:  # fmt: skip
+) -> list[float | None]:
     """`function`'s rewards, checked: a raise, a call longer than `timeout` seconds, a wrong length or a non-number
     is a RewardError naming the function and the row (and the cause); None means "not applicable to this
     completion"; a non-finite value is kept as NaN (dropped and counted by the caller). A list, tuple, 1-d NumPy
@@ -227,16 +228,21 @@ def reward_values(
 
 
 def combined_rewards(
-    functions: list[RewardFunction], weights: list[float], prompts: list[str], completions: list[str], columns: dict,
+    functions: list[RewardFunction],
+    weights: list[float],
+    prompts: list[str],
+    completions: list[str],
+    columns: dict,
+    *,
     timeout: float = 0.0,
-) -> tuple[list[float], int, dict[str, list[float]]]:  # fmt: skip
+) -> tuple[list[float], int, dict[str, list[float]]]:
     """The weighted sum of every function's reward per completion (a function's None leaves it out of the sum, as in
     TRL; a completion no function applies to is NaN), how many completions got a non-finite total (NaN: the caller
     drops them), and each function's values by name (NaN where it returned None)."""
     totals: list[float | None] = [None] * len(completions)
     per_function = {}
     for function, weight in zip(functions, weights, strict=True):
-        values = reward_values(function, prompts, completions, columns, timeout)
+        values = reward_values(function, prompts, completions, columns, timeout=timeout)
         per_function[getattr(function, "__name__", repr(function))] = [math.nan if v is None else v for v in values]
         for row, value in enumerate(values):
             if value is not None:
@@ -258,8 +264,17 @@ class RewardObjective:
     whether it generates alone (`completions`) or in one batch with the rest of the population
     (`population_completions`)."""
 
-    def __init__(self, tokenizer, functions: list[RewardFunction], weights: list[float], max_new_tokens: int,
-                 do_sample: bool = False, temperature: float = 1.0, samples: int = 1, aggregation: str = "mean"):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer,
+        functions: list[RewardFunction],
+        weights: list[float],
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        samples: int = 1,
+        aggregation: str = "mean",
+    ):
         self.tokenizer, self.functions, self.weights = tokenizer, functions, weights
         self.max_new_tokens, self.do_sample, self.temperature = max_new_tokens, do_sample, temperature
         self.samples, self.aggregation = samples, aggregation
@@ -280,18 +295,23 @@ class RewardObjective:
         encoded = self.encoded(prompts)
         # a configuration of its own: the model's generation_config may hold processors (a repetition penalty, top_p)
         # that the batched population does not apply; both decode exactly greedy or softmax(logits / T) samples
+        sampling = {"temperature": self.temperature, "top_k": 0, "top_p": 1.0} if self.do_sample else {}
         config = GenerationConfig(
-            max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_return_sequences=self.samples,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=model.generation_config.eos_token_id,
-            **({"temperature": self.temperature, "top_k": 0, "top_p": 1.0} if self.do_sample else {}),
-        )  # fmt: skip
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            num_return_sequences=self.samples,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=model.generation_config.eos_token_id,
+            **sampling,
+        )
         with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
             if seed is not None:
                 torch.manual_seed(seed)
             output = model.generate(
-                encoded.input_ids.to(model.device), attention_mask=encoded.attention_mask.to(model.device),
+                encoded.input_ids.to(model.device),
+                attention_mask=encoded.attention_mask.to(model.device),
                 generation_config=config,
-            )  # fmt: skip
+            )
         return self.tokenizer.batch_decode(output[:, encoded.input_ids.shape[1] :], skip_special_tokens=True)
 
     def population_completions(self, model, changes: dict, prompts: list[str], seeds: list[int]) -> list[list[str]]:
@@ -303,12 +323,18 @@ class RewardObjective:
         mask = encoded.attention_mask.repeat_interleave(self.samples, 0).to(device)
         sampling = {}
         if self.do_sample:
-            sampling = {"temperature": self.temperature,
-                        "generators": [torch.Generator(device).manual_seed(seed) for seed in seeds]}  # fmt: skip
+            generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+            sampling = {"temperature": self.temperature, "generators": generators}
         tokens = members_generate(
-            model, changes, ids, mask, self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=model.generation_config.eos_token_id, **sampling,
-        )  # fmt: skip
+            model,
+            changes,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=self.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=model.generation_config.eos_token_id,
+            **sampling,
+        )
         return [self.tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in tokens]
 
     def member_rewards(self, prompts: list[str], completions: list[list[str]], columns: dict) -> torch.Tensor:
@@ -337,7 +363,7 @@ class RewardObjective:
         ids = self.tokenizer(completions, add_special_tokens=False)["input_ids"] if completions else []
         columns = {**columns, "completion_ids": ids, "trainer_state": self.trainer_state}
         rewards, nonfinite, self.function_values = combined_rewards(
-            self.functions, self.weights, prompts, completions, columns, self.timeout
+            self.functions, self.weights, prompts, completions, columns, timeout=self.timeout
         )
         self.completion_lengths = [len(row) for row in ids]
         self.nonfinite += nonfinite

@@ -18,7 +18,7 @@ from hf_zoo_rnn.data import (
     unknown_spans,
 )
 from hf_zoo_rnn.data.corpus import SEGMENT_CHARS, bounded_pieces
-from hf_zoo_rnn.data.tasks import IGNORE_INDEX, encode_batch, length_range, make_example
+from hf_zoo_rnn.data.tasks import IGNORE_INDEX, encode_batch, length_range, make_example, prompt_completion_ids
 from hf_zoo_rnn.training.checkpoints import load_state, save_state
 
 
@@ -120,6 +120,13 @@ def test_task_lengths_and_loss_mask():
     scored = labels[0][labels[0] != IGNORE_INDEX]
     assert tokenizer.decode(scored) == "cba "  # the output and its closing space, nothing of the input
     assert (labels[1, 6:] == IGNORE_INDEX).all() and (ids[1, 6:] == tokenizer.pad_token_id).all()
+
+
+def test_prompt_and_completion_are_tokenized_apart_and_an_empty_prompt_is_eos():
+    tokenizer = char_tokenizer()
+    prompt, completion = prompt_completion_ids(tokenizer, "ab ", "ba")
+    assert tokenizer.decode(prompt) == "ab " and tokenizer.decode(completion) == "ba"
+    assert prompt_completion_ids(tokenizer, "", "") == ([tokenizer.eos_token_id], [])
 
 
 def test_task_stream_is_deterministic_and_resumable():

@@ -9,8 +9,9 @@ import string
 
 import torch
 
+from ..modeling_zoo_rnn import IGNORE_INDEX
+
 TASKS = ("copy", "reverse", "sort", "repeat_copy", "add", "recall")
-IGNORE_INDEX = -100
 
 
 def make_example(task: str, length: int, rng: random.Random) -> tuple[str, str]:
@@ -42,12 +43,16 @@ def length_range(max_train_length: int, validation: bool) -> tuple[int, int]:
 
 def encode_batch(tokenizer, examples: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and labels [B, T] (labels follow transformers: position t is scored against labels[t + 1])."""
-    pairs = [
-        (tokenizer(source + " ", add_special_tokens=False)["input_ids"],
-         tokenizer(target + " ", add_special_tokens=False)["input_ids"])
-        for source, target in examples
-    ]  # fmt: skip
+    pairs = [prompt_completion_ids(tokenizer, source + " ", target + " ") for source, target in examples]
     return answer_batch(pairs, tokenizer.pad_token_id)
+
+
+def prompt_completion_ids(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """(prompt, completion) as token ids, each tokenized on its own (as a model generates a completion after its
+    prompt) and without special tokens. An empty prompt is the EOS token: the completion's first token then has a
+    position that predicts it."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+    return prompt_ids, tokenizer(completion, add_special_tokens=False)["input_ids"]
 
 
 def answer_batch(pairs: list[tuple[list[int], list[int]]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,8 +104,8 @@ def exact_match(model, tokenizer, examples: list[tuple[str, str]]) -> float:
     """Fraction of examples whose greedy continuation of `input + " "` is exactly `output + " "`."""
     hits = 0
     for source, target in examples:
-        prompt = torch.tensor([tokenizer(source + " ", add_special_tokens=False)["input_ids"]], device=model.device)
-        answer = tokenizer(target + " ", add_special_tokens=False)["input_ids"]
+        prompt_ids, answer = prompt_completion_ids(tokenizer, source + " ", target + " ")
+        prompt = torch.tensor([prompt_ids], device=model.device)
         out = model.generate(prompt, max_new_tokens=len(answer), do_sample=False, pad_token_id=tokenizer.pad_token_id)
         hits += out[0, prompt.shape[1] :].tolist() == answer
     return hits / len(examples)
