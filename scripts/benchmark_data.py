@@ -90,8 +90,8 @@ def measure_stream(path: Path) -> dict:
 
 def measure_training(path: Path, output_dir: Path) -> dict:
     run = output_dir / f"train-{path.stem}"
-    command = [sys.executable, "-m", "hf_zoo_rnn.train", "--dataset", str(path), "--output_dir", str(run),
-               "--max_steps", "20", "--save_steps", "10", "--eval_batches", "1", "--log_with", "none"]  # fmt: skip
+    command = [sys.executable, "-m", "hf_zoo_rnn.train", "--dataset", str(path), "--output_dir", str(run)]
+    command += ["--max_steps", "20", "--save_steps", "10", "--eval_batches", "1", "--log_with", "none"]
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, text=True)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -126,9 +126,12 @@ def main() -> None:
             row = run_worker(args, mode, context)
             rows.append(row)
             if row["status"] == "ok":
-                print(f"{mode:>9} {context:>9,} tokens: peak RSS {row['peak_rss_mb']:8.1f} MB "
-                      f"(+{row['peak_rss_mb'] - row['rss_before_mb']:.1f} MB for the work), {row['seconds']:.1f} s",
-                      flush=True)  # fmt: skip
+                work_mb = row["peak_rss_mb"] - row["rss_before_mb"]
+                print(
+                    f"{mode:>9} {context:>9,} tokens: peak RSS {row['peak_rss_mb']:8.1f} MB "
+                    f"(+{work_mb:.1f} MB for the work), {row['seconds']:.1f} s",
+                    flush=True,
+                )
             else:
                 print(f"{mode:>9} {context:>9,} tokens: out of memory (limit {args.memory_limit_gb} GiB)", flush=True)
     fieldnames = ["mode", "context", "status", "peak_rss_mb", "rss_before_mb", "seconds"]
@@ -142,10 +145,15 @@ def main() -> None:
         ax.plot([r["context"] for r in fitted], [r["peak_rss_mb"] for r in fitted], marker="o", label=mode)
         failed = [r["context"] for r in rows if r["mode"] == mode and r["status"] == "oom"]
         if failed:
-            ax.scatter(failed, [args.memory_limit_gb * 1024] * len(failed), marker="x", color="red",
-                       label=f"{mode}: out of memory")  # fmt: skip
-    ax.set(xscale="log", yscale="log", xlabel="context (tokens, batch 1)", ylabel="peak RSS (MB)",
-           title=f"Memory vs context, {Path(args.model_config).stem}")  # fmt: skip
+            limit_mb = [args.memory_limit_gb * 1024] * len(failed)
+            ax.scatter(failed, limit_mb, marker="x", color="red", label=f"{mode}: out of memory")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="context (tokens, batch 1)",
+        ylabel="peak RSS (MB)",
+        title=f"Memory vs context, {Path(args.model_config).stem}",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "memory.png", dpi=110)

@@ -6,7 +6,7 @@ plain batched `generate` of the same number of rows; and the peak RSS of each.
         [--prompts 8] [--max_new_tokens 40] [--output_dir outputs/benchmarks]
 
 Each measurement runs in a fresh process with one thread (so peak RSS is its own). The ES step is the trainer's
-(`EvolutionStrategiesStep`: ask, generate, score, update) with a reward that holds no model (distinct-4), so the
+(`EvolutionStrategies`: ask, generate, score, update) with a reward that holds no model (distinct-4), so the
 figures are generation and the update, not a reward model. A last row is ESTrainer's overhead over the bare step at
 the rewards-kjv shape (--api_steps). Writes population.csv and population.png.
 """
@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser  
 
 from hf_zoo_rnn.data import BUILTIN_KJV  # noqa: E402
 from hf_zoo_rnn.data.prompts import PromptStream  # noqa: E402
-from hf_zoo_rnn.estimators.zero_order import EvolutionStrategiesStep  # noqa: E402
+from hf_zoo_rnn.estimators.evolution import EvolutionStrategies  # noqa: E402
 from hf_zoo_rnn.rewards import RewardObjective, distinct_4  # noqa: E402
 from hf_zoo_rnn.training.reporting import RESULT, run_worker, write_table  # noqa: E402
 from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer  # noqa: E402
@@ -68,16 +68,24 @@ def measure(args: PopulationBenchmarkArguments, mode: str, members: int, rank: i
         seconds, calls = repeated(lambda: objective.completions(model, rows), args.min_seconds)
     else:
         perturbation = {"perturbation": "lowrank", "perturbation_rank": rank} if rank else {}
-        config = ZOConfig(num_probes=members // 2, eps=0.01, lr=1e-3, update_rule="adam", loss_shaping="zscore",
-                          **perturbation)  # fmt: skip
-        step = EvolutionStrategiesStep(model, ZOOptimizer(model, config), objective, run_seed=0)
+        config = ZOConfig(
+            num_probes=members // 2, eps=0.01, lr=1e-3, update_rule="adam", loss_shaping="zscore", **perturbation
+        )
+        step = EvolutionStrategies(model, ZOOptimizer(model, config), objective, run_seed=0)
         step.batched = mode == "batched"
-        seconds, calls = repeated(lambda: step.step(prompts), args.min_seconds)
+        seconds, calls = repeated(lambda: step.train_step(prompts), args.min_seconds)
     completions = members * args.prompts
-    return {"mode": mode, "members": members, "rank": rank if mode != "generate" else "", "rows": completions,
-            "seconds_per_step": round(seconds, 4), "completions_per_s": round(completions / seconds, 1),
-            "tokens_per_s": round(completions * args.max_new_tokens / seconds), "calls": calls,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}  # fmt: skip
+    return {
+        "mode": mode,
+        "members": members,
+        "rank": rank if mode != "generate" else "",
+        "rows": completions,
+        "seconds_per_step": round(seconds, 4),
+        "completions_per_s": round(completions / seconds, 1),
+        "tokens_per_s": round(completions * args.max_new_tokens / seconds),
+        "calls": calls,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
 
 
 def api_overhead(args: PopulationBenchmarkArguments) -> dict:
@@ -93,16 +101,17 @@ def api_overhead(args: PopulationBenchmarkArguments) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     rows = kjv_openings("train", 4)
     model = AutoModelForCausalLM.from_pretrained(args.model).eval().requires_grad_(False)
-    config = ZOConfig(num_probes=32, eps=0.01, lr=1e-3, update_rule="adam", loss_shaping="zscore",
-                      perturbation="lowrank")  # fmt: skip
+    config = ZOConfig(
+        num_probes=32, eps=0.01, lr=1e-3, update_rule="adam", loss_shaping="zscore", perturbation="lowrank"
+    )
     objective = RewardObjective(tokenizer, [distinct_4], [1.0], args.max_new_tokens)
-    step = EvolutionStrategiesStep(model, ZOOptimizer(model, config), objective, run_seed=0)
-    stream = iter(PromptStream("rows", "train", args.prompts, 0, rows=rows))
+    step = EvolutionStrategies(model, ZOOptimizer(model, config), objective, run_seed=0)
+    stream = iter(PromptStream("rows", "train", args.prompts, seed=0, rows=rows))
     bare = []
     for _ in range(args.api_steps):
         batch = next(stream)
         started = time.perf_counter()
-        step.step(batch)
+        step.train_step(batch)
         bare.append(time.perf_counter() - started)
 
     class Clock(TrainerCallback):
@@ -111,20 +120,42 @@ def api_overhead(args: PopulationBenchmarkArguments) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             self.ends.append(time.perf_counter())
 
-    es_args = ESConfig(output_dir=str(Path(args.output_dir) / "api_overhead_run"), max_steps=args.api_steps,
-                       per_device_train_batch_size=args.prompts, max_completion_length=args.max_new_tokens,
-                       population_size=64, logging_steps=5, eval_strategy="no", save_strategy="no",
-                       overwrite_output_dir=True, use_cpu=True, seed=0)  # fmt: skip
+    es_args = ESConfig(
+        output_dir=str(Path(args.output_dir) / "api_overhead_run"),
+        max_steps=args.api_steps,
+        per_device_train_batch_size=args.prompts,
+        max_completion_length=args.max_new_tokens,
+        population_size=64,
+        logging_steps=5,
+        eval_strategy="no",
+        save_strategy="no",
+        overwrite_output_dir=True,
+        use_cpu=True,
+        seed=0,
+    )
     clock = Clock()
-    ESTrainer(AutoModelForCausalLM.from_pretrained(args.model), distinct_4, es_args, Dataset.from_list(rows),
-              processing_class=tokenizer, callbacks=[clock]).train()  # fmt: skip
+    trainer = ESTrainer(
+        model=AutoModelForCausalLM.from_pretrained(args.model),
+        reward_funcs=distinct_4,
+        args=es_args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
+    trainer.train()
     skip = min(5, args.api_steps // 2)  # warm-up steps
     bare_s = sum(bare[skip:]) / len(bare[skip:])
     gaps = [b - a for a, b in zip(clock.ends[skip:], clock.ends[skip + 1 :], strict=False)]
     api_s = sum(gaps) / len(gaps)
-    return {"mode": "ESTrainer (Python API)", "members": 64, "rank": 1, "rows": 64 * args.prompts,
-            "seconds_per_step": round(api_s, 4), "bare_step_seconds": round(bare_s, 4),
-            "api_overhead": round(api_s / bare_s - 1, 4)}  # fmt: skip
+    return {
+        "mode": "ESTrainer (Python API)",
+        "members": 64,
+        "rank": 1,
+        "rows": 64 * args.prompts,
+        "seconds_per_step": round(api_s, 4),
+        "bare_step_seconds": round(bare_s, 4),
+        "api_overhead": round(api_s / bare_s - 1, 4),
+    }
 
 
 def main() -> None:
@@ -179,8 +210,13 @@ def plot(rows: list[dict], path: Path, args: PopulationBenchmarkArguments) -> No
     for label, points in series.items():
         xs, ys = zip(*sorted(points), strict=True)
         ax.plot(xs, ys, marker="o", label=label, linestyle="--" if "generate" in label else "-")
-    ax.set(xscale="log", yscale="log", xlabel="members (rows = members x prompts)", ylabel="completions / s",
-           title=f"{args.prompts} prompts x {args.max_new_tokens} tokens, one thread")  # fmt: skip
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="members (rows = members x prompts)",
+        ylabel="completions / s",
+        title=f"{args.prompts} prompts x {args.max_new_tokens} tokens, one thread",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

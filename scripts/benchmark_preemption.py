@@ -25,13 +25,13 @@ from transformers import HfArgumentParser
 from hf_zoo_rnn.training.reporting import write_table
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ["-m", "hf_zoo_rnn.train"]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
 LAUNCHERS = {
-    "direct": [sys.executable, "-m", "hf_zoo_rnn.train"],
-    "cpu-1": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "hf_zoo_rnn/configs/accelerate/cpu-1.yaml"), "-m", "hf_zoo_rnn.train"],
-    "cpu-2": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "hf_zoo_rnn/configs/accelerate/cpu-2.yaml"), "-m", "hf_zoo_rnn.train"],
-}  # fmt: skip
+    "direct": [sys.executable, *TRAIN],
+    "cpu-1": [*ACCELERATE, str(ROOT / "hf_zoo_rnn/configs/accelerate/cpu-1.yaml"), *TRAIN],
+    "cpu-2": [*ACCELERATE, str(ROOT / "hf_zoo_rnn/configs/accelerate/cpu-2.yaml"), *TRAIN],
+}
 
 
 @dataclass

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, HfArgumentParser  # noqa: E402
 
 import hf_zoo_rnn  # noqa: E402, F401  (registers the Auto classes)
 from hf_zoo_rnn.config_files import load_model_config  # noqa: E402
-from hf_zoo_rnn.estimators.zero_order import population_loss  # noqa: E402
+from hf_zoo_rnn.estimators.probes import population_loss  # noqa: E402
 from hf_zoo_rnn.training.trainer import peak_memory_mb  # noqa: E402
 from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer  # noqa: E402
 from hf_zoo_rnn.zo.optimizer import probes_per_forward  # noqa: E402
@@ -87,12 +87,24 @@ def measure(path: str, perturbation: str, per_forward: int, args: StepBenchmarkA
             loss_fn()
         clean_forward = (time.perf_counter() - start) / (2 * args.num_probes)
     config = ZOConfig(
-        num_probes=args.num_probes, lr=1e-4, eps=1e-3, update_mode=args.update_mode, probes_per_forward=per_forward,
-        perturbation=perturbation, perturbation_rank=args.perturbation_rank, stacked_memory_mb=args.stacked_memory_mb,
-    )  # fmt: skip
+        num_probes=args.num_probes,
+        lr=1e-4,
+        eps=1e-3,
+        update_mode=args.update_mode,
+        probes_per_forward=per_forward,
+        perturbation=perturbation,
+        perturbation_rank=args.perturbation_rank,
+        stacked_memory_mb=args.stacked_memory_mb,
+    )
     zo = ZOOptimizer(model, config)
     stacked = population_loss(model, zo.names, ids, ids, members=perturbation == "lowrank")
-    group = probes_per_forward(per_forward, args.num_probes, 2, stacked.bytes_per_model, args.stacked_memory_mb)
+    group = probes_per_forward(
+        per_forward,
+        probes=args.num_probes,
+        models_per_probe=2,
+        bytes_per_model=stacked.bytes_per_model,
+        budget_mb=args.stacked_memory_mb,
+    )
     zo.step(loss_fn, population_loss=stacked)  # warm-up
     stats = [zo.step(loss_fn, population_loss=stacked) for _ in range(args.steps)]
     total = sum(s.seconds_total for s in stats) / len(stats)

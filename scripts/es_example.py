@@ -61,8 +61,10 @@ def main() -> None:
     before = RewardObjective(tokenizer, [distinct_4, fluency], [1.0, 0.1], max_new_tokens=40)
     start = statistics.mean(before.prompt_rewards(model, list(eval_dataset["prompt"]), {}))
     final = trainer.train()
-    print(f"held-out greedy reward (32 prompts): {start:.4f} at the start, {final['eval_reward']:.4f} after "
-          f"{options.max_steps} steps")  # fmt: skip
+    print(
+        f"held-out greedy reward (32 prompts): {start:.4f} at the start, {final['eval_reward']:.4f} after "
+        f"{options.max_steps} steps"
+    )
     print(f"saved to {options.output_dir}")
 
 

@@ -31,7 +31,7 @@ from transformers import HfArgumentParser
 
 from hf_zoo_rnn import ZooRnnConfig, ZooRnnForCausalLM
 from hf_zoo_rnn.config_files import load_model_config
-from hf_zoo_rnn.estimators.zero_order import population_loss
+from hf_zoo_rnn.estimators.probes import population_loss
 from hf_zoo_rnn.forwards.local import accumulate_local_gradients
 from hf_zoo_rnn.forwards.population import members_generate
 from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer
@@ -54,7 +54,7 @@ class GpuCheckArguments:
     worker: str | None = field(default=None, metadata={"help": "internal: run one part, print its rows as JSON"})
 
 
-def row(part: str, check: str, value, unit: str, status: str = "ok", detail: str = "") -> dict:
+def row(part: str, check: str, value, unit: str, *, status: str = "ok", detail: str = "") -> dict:
     return {"part": part, "check": check, "value": value, "unit": unit, "status": status, "detail": detail}
 
 
@@ -113,8 +113,15 @@ def parity(dry_run: bool):
     backends = ["vanilla"] if dry_run else ["cuda", "cuda_fused", "triton_fused"]
     heads, dim, steps = (2, 16, 24) if dry_run else (4, 64, 512)
     for cell in ("lstm", "gru"):
-        shape = dict(cell=cell, vocab_size=128, embedding_size=64, num_heads=heads, head_dim=dim,
-                     num_hidden_layers=2, chunk_size=steps // 4)  # fmt: skip
+        shape = {
+            "cell": cell,
+            "vocab_size": 128,
+            "embedding_size": 64,
+            "num_heads": heads,
+            "head_dim": dim,
+            "num_hidden_layers": 2,
+            "chunk_size": steps // 4,
+        }
         reference_model = ZooRnnForCausalLM(ZooRnnConfig(**shape, backend="torch")).double().eval()
         ids = torch.randint(0, 128, (8, steps))
         with torch.no_grad():
@@ -123,7 +130,7 @@ def parity(dry_run: bool):
             for dtype in ("float32", "bfloat16"):
                 check = f"{cell} {backend} {dtype}"
                 if backend == "triton_fused" and cell == "gru":
-                    yield row("parity", check, "", "", "n/a", "triton_fused is LSTM only")
+                    yield row("parity", check, "", "", status="n/a", detail="triton_fused is LSTM only")
                     continue
                 model = ZooRnnForCausalLM(ZooRnnConfig(**shape, backend=backend))
                 model.load_state_dict(reference_model.state_dict())
@@ -134,18 +141,20 @@ def parity(dry_run: bool):
                         compile_s, first = timed(partial(model, halves[0]), device)
                         run_s, second = timed(partial(model, halves[1], state=first.state), device)
                 except Exception as error:  # a kernel that cannot compile or run fails this check only
-                    yield row("parity", check, "", "", "error", f"{type(error).__name__}: {error}"[:300])
+                    yield row("parity", check, "", "", status="error", detail=f"{type(error).__name__}: {error}"[:300])
                     continue
                 logits = torch.cat([first.logits, second.logits], dim=1).double().cpu()
                 error = (logits - reference.logits).abs().max().item()
-                state_error = max((a.double().cpu() - b).abs().max().item()
-                                  for a, b in zip(second.state, reference.state, strict=True))  # fmt: skip
+                state_error = max(
+                    (a.double().cpu() - b).abs().max().item()
+                    for a, b in zip(second.state, reference.state, strict=True)
+                )
                 limit = tolerance(backend, dtype)
                 status = "pass" if max(error, state_error) <= limit else "FAIL"
                 detail = (
                     f"state {state_error:.1e}, tolerance {limit:g}; first call {compile_s:.2f} s, then {run_s:.3f} s"
                 )
-                yield row("parity", check, f"{error:.2e}", "max |logit diff|", status, detail)
+                yield row("parity", check, f"{error:.2e}", "max |logit diff|", status=status, detail=detail)
 
 
 def forward_tokens_per_second(model, inputs, device, repeats: int = 3) -> float:
@@ -173,7 +182,7 @@ def throughput(dry_run: bool):
                     "throughput", f"{name} forward, {backend}", round(rate), "tokens/s", detail=f"{batch}x{steps}"
                 )
             except Exception as error:
-                yield row("throughput", f"{name} forward, {backend}", "", "", "error", f"{error}"[:300])
+                yield row("throughput", f"{name} forward, {backend}", "", "", status="error", detail=f"{error}"[:300])
         cudnn = torch.nn.LSTM(config.embedding_size, config.hidden_size, batch_first=True).to(device, dtype).eval()
         embedded = torch.randn(batch, steps, config.embedding_size, device=device, dtype=dtype)
         label = "torch.nn.LSTM (cuDNN, dense)" if device.type == "cuda" else "torch.nn.LSTM (dense)"
@@ -187,8 +196,10 @@ def throughput(dry_run: bool):
         if dry_run
         else (32, torch.randint(0, 100, (16, 64), device=device))
     )
-    zo = ZOOptimizer(model, ZOConfig(num_probes=probes, perturbation="lowrank", probes_per_forward=probes,
-                                     stacked_memory_mb=1e9, lr=1e-4, eps=1e-3))  # fmt: skip
+    zo_config = ZOConfig(
+        num_probes=probes, perturbation="lowrank", probes_per_forward=probes, stacked_memory_mb=1e9, lr=1e-4, eps=1e-3
+    )
+    zo = ZOOptimizer(model, zo_config)
     stacked = population_loss(model, zo.names, ids, ids, members=True)
 
     def loss_fn():
@@ -198,8 +209,9 @@ def throughput(dry_run: bool):
     seconds = timed(partial(zo.step, loss_fn, population_loss=stacked), device)[0]
     member_rate = 2 * probes * ids.numel() / seconds
     plain = forward_tokens_per_second(model, ids.repeat(2 * probes, 1), device)
-    yield row("throughput", f"{config.num_heads}x{config.head_dim} low-rank K={probes} as one batch",
-              round(member_rate), "probe-tokens/s", detail=f"{member_rate / plain:.0%} of plain inference")  # fmt: skip
+    check = f"{config.num_heads}x{config.head_dim} low-rank K={probes} as one batch"
+    detail = f"{member_rate / plain:.0%} of plain inference"
+    yield row("throughput", check, round(member_rate), "probe-tokens/s", detail=detail)
     # the one-step gradient and BPTT at equal batch
     model.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -217,8 +229,9 @@ def throughput(dry_run: bool):
     for label, step in (("one-step gradient step", one_step), ("BPTT + AdamW step", bptt)):
         step()
         seconds = min(timed(step, device)[0] for _ in range(2))
-        yield row("throughput", f"{config.num_heads}x{config.head_dim} {label}", round(ids.numel() / seconds),
-                  "tokens/s", detail=f"{seconds * 1000:.1f} ms per step")  # fmt: skip
+        check = f"{config.num_heads}x{config.head_dim} {label}"
+        detail = f"{seconds * 1000:.1f} ms per step"
+        yield row("throughput", check, round(ids.numel() / seconds), "tokens/s", detail=detail)
 
 
 def table1(dry_run: bool):
@@ -238,10 +251,11 @@ def table1(dry_run: bool):
     warm = timed(partial(zo.step, loss_fn), device)[0]
     seconds = timed(partial(zo.step, loss_fn), device)[0]
     per_probe = seconds / measured
-    yield row("table1", f"{name} ({model.num_parameters():,} parameters) {measured}-probe step", round(seconds, 2),
-              "s", detail=f"first step {warm:.1f} s (kernel compilation)")  # fmt: skip
-    yield row("table1", f"{name} {full}-probe step, from {measured} probes x {full // measured}", round(per_probe * full, 1),
-              "s", detail="paper, Table 1: 145 s on one A40, 4.4 s on 8 A40")  # fmt: skip
+    check = f"{name} ({model.num_parameters():,} parameters) {measured}-probe step"
+    yield row("table1", check, round(seconds, 2), "s", detail=f"first step {warm:.1f} s (kernel compilation)")
+    check = f"{name} {full}-probe step, from {measured} probes x {full // measured}"
+    paper = "paper, Table 1: 145 s on one A40, 4.4 s on 8 A40"
+    yield row("table1", check, round(per_probe * full, 1), "s", detail=paper)
 
 
 def peak_mib(fn, device: torch.device) -> float:
@@ -277,8 +291,8 @@ def memory(dry_run: bool):
             inference = peak_mib(partial(model, ids, labels=ids, logits_to_keep=1), device)
             step = peak_mib(partial(zo_step_of, model, ids), device)
         ratio = round(step / inference, 3) if inference else ""
-        yield row("memory", f"{config.num_heads}x{config.head_dim}, context {context:,}: ZO step / inference", ratio,
-                  "x", detail=f"{step:.0f} MiB vs {inference:.0f} MiB")  # fmt: skip
+        check = f"{config.num_heads}x{config.head_dim}, context {context:,}: ZO step / inference"
+        yield row("memory", check, ratio, "x", detail=f"{step:.0f} MiB vs {inference:.0f} MiB")
     model = None
     for name, scale in ladder:
         config = load_model_config(name)
@@ -293,7 +307,8 @@ def memory(dry_run: bool):
                 peak = peak_mib(partial(zo_step_of, model, ids), device) / 1024
             yield row("memory", f"ZO step fits: {label} ({model.num_parameters():,} parameters)", round(peak, 1), "GiB")
         except torch.OutOfMemoryError:
-            yield row("memory", f"ZO step fits: {label}", "", "", "OOM", "the largest that fits is the row above")
+            detail = "the largest that fits is the row above"
+            yield row("memory", f"ZO step fits: {label}", "", "", status="OOM", detail=detail)
             return
         finally:
             model = None
@@ -303,28 +318,33 @@ def product(dry_run: bool):
     """accelerate launch scripts/train.py on the device, generate from what it saved, reload it on CPU."""
     out = Path(tempfile.mkdtemp(prefix="gpu-check-product-")) / "run"
     layout = "cpu-1" if dry_run else "multi-gpu"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / f"hf_zoo_rnn/configs/accelerate/{layout}.yaml"), "--num_processes", "1",
-              str(ROOT / "scripts/train.py"), "--output_dir", str(out), "--max_steps", "20", "--log_with", "none",
-              "--eval_steps", "0", "--eval_batches", "2", "--tokenizer_sample_chars", "200000"]  # fmt: skip
+    accelerate_config = ROOT / f"hf_zoo_rnn/configs/accelerate/{layout}.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config)]
+    launch += ["--num_processes", "1", str(ROOT / "scripts/train.py"), "--output_dir", str(out)]
+    launch += ["--max_steps", "20", "--log_with", "none", "--eval_steps", "0", "--eval_batches", "2"]
+    launch += ["--tokenizer_sample_chars", "200000"]
     started = time.perf_counter()
     print("product: training 20 steps", file=sys.stderr, flush=True)  # each stage names itself in a time-out's row
     result = subprocess.run(launch, capture_output=True, text=True)
     print(result.stderr[-1500:], file=sys.stderr, flush=True)
     if result.returncode != 0:
-        errors = [line for line in result.stderr.splitlines()  # the child's exception, not torchrun's banner
-                  if re.search(r"\w+(Error|Exception): ", line) and "ChildFailedError" not in line]  # fmt: skip
-        yield row("product", "accelerate launch scripts/train.py", "", "", "error",
-                  (errors[-1] if errors else result.stderr[-300:])[:300])  # fmt: skip
+        errors = [  # the child's exception, not torchrun's banner
+            line
+            for line in result.stderr.splitlines()
+            if re.search(r"\w+(Error|Exception): ", line) and "ChildFailedError" not in line
+        ]
+        detail = (errors[-1] if errors else result.stderr[-300:])[:300]
+        yield row("product", "accelerate launch scripts/train.py", "", "", status="error", detail=detail)
         return
     eval_loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1]).get("eval_loss")
-    yield row("product", "train 20 steps (default run)", round(time.perf_counter() - started, 1), "s",
-              detail=f"eval_loss {eval_loss:.3f}")  # fmt: skip
+    seconds = round(time.perf_counter() - started, 1)
+    yield row("product", "train 20 steps (default run)", seconds, "s", detail=f"eval_loss {eval_loss:.3f}")
     print("product: generating from the saved model", file=sys.stderr, flush=True)
     generate = [sys.executable, str(ROOT / "scripts/generate.py"), "--model", str(out), "--max_new_tokens", "20"]
     text = subprocess.run(generate, capture_output=True, text=True)
     status = "ok" if text.returncode == 0 and text.stdout.strip() else "error"
-    yield row("product", "generate.py", len(text.stdout), "characters", status, (text.stdout or text.stderr)[-200:])
+    detail = (text.stdout or text.stderr)[-200:]
+    yield row("product", "generate.py", len(text.stdout), "characters", status=status, detail=detail)
     print("product: reloading on the CPU", file=sys.stderr, flush=True)
     device = device_of(dry_run)
     cpu = ZooRnnForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -333,8 +353,9 @@ def product(dry_run: bool):
     with torch.no_grad():
         error = (here(ids.to(device)).logits.cpu() - cpu(ids).logits).abs().max().item()
     limit = tolerance("vanilla" if dry_run else "cuda_fused", "float32")
-    yield row("product", "saved model: device logits vs CPU", f"{error:.2e}", "max |logit diff|",
-              "pass" if error <= limit else "FAIL", f"tolerance {limit:g}")  # fmt: skip
+    status = "pass" if error <= limit else "FAIL"
+    check = "saved model: device logits vs CPU"
+    yield row("product", check, f"{error:.2e}", "max |logit diff|", status=status, detail=f"tolerance {limit:g}")
 
 
 def population(dry_run: bool):
@@ -342,8 +363,16 @@ def population(dry_run: bool):
     in one batched forward per token (`members_generate`), against plain batched `generate` of the same rows; the
     torch backend (cuDNN's LSTM for the plain model), so nothing waits for a kernel build."""
     device = device_of(dry_run)
-    config = ZooRnnConfig(vocab_size=4096, embedding_size=256, num_heads=2, head_dim=256, num_hidden_layers=2,
-                          backend="torch", eos_token_id=None, pad_token_id=0)  # fmt: skip
+    config = ZooRnnConfig(
+        vocab_size=4096,
+        embedding_size=256,
+        num_heads=2,
+        head_dim=256,
+        num_hidden_layers=2,
+        backend="torch",
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     model = ZooRnnForCausalLM(config).to(device).eval().requires_grad_(False)
     model.generation_config.eos_token_id = None
     prompts, tokens = 8, 4 if dry_run else 40
@@ -351,10 +380,13 @@ def population(dry_run: bool):
     for members in (4,) if dry_run else (256, 1024):
         zo = ZOOptimizer(model, ZOConfig(num_probes=members // 2, lr=1e-3, perturbation="lowrank"))
         changes = dict(zip(zo.names, zo.perturber.members(range(members // 2), (1e-3, -1e-3)), strict=True))
-        batched = partial(members_generate, model, changes, ids, None, tokens, pad_token_id=0)
+        batched = partial(
+            members_generate, model, changes, ids, attention_mask=None, max_new_tokens=tokens, pad_token_id=0
+        )
         rows = ids.repeat(members, 1)
-        plain = partial(model.generate, rows, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                        pad_token_id=0)  # fmt: skip
+        plain = partial(
+            model.generate, rows, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0
+        )
         results = {}
         for name, fn in (("plain generate", plain), ("ES members, one batch", batched)):
             with torch.no_grad():
@@ -364,12 +396,16 @@ def population(dry_run: bool):
                 seconds, _ = timed(fn, device)
             results[name] = members * prompts / seconds
             peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-            yield row("population", f"{name}, {members} members x {prompts} prompts", round(results[name]),
-                      "completions/s", detail=f"{tokens} tokens; peak {peak:.0f} MiB")  # fmt: skip
+            check = f"{name}, {members} members x {prompts} prompts"
+            detail = f"{tokens} tokens; peak {peak:.0f} MiB"
+            yield row("population", check, round(results[name]), "completions/s", detail=detail)
         share = results["ES members, one batch"] / results["plain generate"]
-        yield row("population", f"ES batch / plain generate, {members} members", round(share, 3), "ratio",
-                  "n/a" if dry_run else "pass" if share >= 0.85 else "below target",
-                  "toy sizes on the CPU: no target" if dry_run else "target >= 0.85 (issue 27)")  # fmt: skip
+        check = f"ES batch / plain generate, {members} members"
+        if dry_run:
+            status, detail = "n/a", "toy sizes on the CPU: no target"
+        else:
+            status, detail = "pass" if share >= 0.85 else "below target", "target >= 0.85 (issue 27)"
+        yield row("population", check, round(share, 3), "ratio", status=status, detail=detail)
 
 
 # -- the driver ---------------------------------------------------------------------------------------------------
@@ -396,8 +432,9 @@ def run_part(part: str, args: GpuCheckArguments, output_dir: Path) -> list[dict]
     with open(output_dir / "workers.log", "a") as log:  # the workers' own output: compiler errors, tracebacks
         log.write(f"===== {part}: {ended}\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n")
     if ended != "exit 0":
-        rows.append(row(part, "(part)", round(time.perf_counter() - started, 1), "s", "incomplete",
-                        f"{ended}; {stderr.strip().splitlines()[-1] if stderr.strip() else ''}"[:300]))  # fmt: skip
+        last_line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        seconds = round(time.perf_counter() - started, 1)
+        rows.append(row(part, "(part)", seconds, "s", status="incomplete", detail=f"{ended}; {last_line}"[:300]))
     return rows
 
 
@@ -409,8 +446,11 @@ def write_report(rows: list[dict], env: dict, output_dir: Path) -> None:
     lines = ["**Environment:** " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     for part in dict.fromkeys(r["part"] for r in rows):
         lines += [f"#### {part}", "", "| check | value | unit | status | detail |", "|---|---|---|---|---|"]
-        lines += [f"| {r['check']} | {r['value']} | {r['unit']} | {r['status']} | {r['detail']} |" for r in rows
-                  if r["part"] == part]  # fmt: skip
+        lines += [
+            f"| {r['check']} | {r['value']} | {r['unit']} | {r['status']} | {r['detail']} |"
+            for r in rows
+            if r["part"] == part
+        ]
         lines.append("")
     (output_dir / "gpu_check.md").write_text("\n".join(lines))
 
@@ -434,8 +474,12 @@ def main() -> None:
     rows = []
     for part in args.parts:
         rows += run_part(part, args, output_dir)
-        print("\n".join(f"{r['part']:>10} | {r['check']} | {r['value']} {r['unit']} | {r['status']} | {r['detail']}"
-                        for r in rows if r["part"] == part), flush=True)  # fmt: skip
+        lines = [
+            f"{r['part']:>10} | {r['check']} | {r['value']} {r['unit']} | {r['status']} | {r['detail']}"
+            for r in rows
+            if r["part"] == part
+        ]
+        print("\n".join(lines), flush=True)
     write_report(rows, env, output_dir)
     print(f"wrote {output_dir / 'gpu_check.csv'} and {output_dir / 'gpu_check.md'}")
 

@@ -139,11 +139,13 @@ def data_files(name: str) -> list[Path]:
     suffixes = sorted({f.suffix for f in files})
     unknown = [suffix for suffix in suffixes if suffix not in FILE_FORMATS]
     if unknown:
-        raise DataError(f"{name}: {unknown[0] or 'a file without an extension'} is not a data format; data files end "
-                        f"in one of {sorted(FILE_FORMATS)}")  # fmt: skip
+        what = unknown[0] or "a file without an extension"
+        raise DataError(f"{name}: {what} is not a data format; data files end in one of {sorted(FILE_FORMATS)}")
     if len({FILE_FORMATS[suffix] for suffix in suffixes}) > 1:
-        raise DataError(f"{name} mixes formats ({', '.join(suffixes)}): one run reads one format; give a glob per "
-                        "format, e.g. --dataset 'data/*.jsonl'")  # fmt: skip
+        raise DataError(
+            f"{name} mixes formats ({', '.join(suffixes)}): one run reads one format; give a glob per format, e.g. "
+            "--dataset 'data/*.jsonl'"
+        )
     return files
 
 

@@ -48,8 +48,17 @@ def dataset_rows(name: str, split: str, prompt_column: str) -> list[dict]:
 class PromptStream:
     """Endless batches of prompts: tasks are drawn afresh per batch; fixed prompt sets are shuffled per epoch."""
 
-    def __init__(self, source: str, split: str, batch_size: int, seed: int, prompt_column: str = "prompt",
-                 max_task_length: int = 10, prompt_words: int = 4, rows: list[dict] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        source: str,
+        split: str,
+        batch_size: int,
+        seed: int,
+        prompt_column: str = "prompt",
+        max_task_length: int = 10,
+        prompt_words: int = 4,
+        rows: list[dict] | None = None,
+    ):
         """`rows` ({"prompt": ..., other columns}) are the prompts themselves (ESTrainer's dataset); `source` then
         only names them."""
         self.source, self.split, self.batch_size, self.seed = source, split, batch_size, seed

@@ -113,8 +113,8 @@ class ESConfig(TrainingArguments):
             problems.append(f"sigma must be positive, got {self.sigma}")
         if self.rank is not None and self.rank < 1:
             problems.append(f"rank must be at least 1 or None (full rank), got {self.rank}")
-        for name, allowed in (("fitness_shaping", SHAPINGS), ("update_rule", UPDATE_RULES),
-                              ("lr_scheduler_type", LR_SCHEDULES)):  # fmt: skip
+        choices = {"fitness_shaping": SHAPINGS, "update_rule": UPDATE_RULES, "lr_scheduler_type": LR_SCHEDULES}
+        for name, allowed in choices.items():
             if plain(getattr(self, name)) not in allowed:
                 problems.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.num_generations < 1 or self.max_completion_length < 1:

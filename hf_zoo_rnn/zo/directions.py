@@ -32,8 +32,15 @@ class IsotropicDirections:
         stream = stream_seed(self.seed, self.step, probe, index)
         return noise(stream, start, length, self.distribution, self.params[index].device)
 
-    def add_combination(self, out: torch.Tensor, probes: Sequence[int], coefficients: Sequence[float], index: int,
-                        start: int, length: int) -> None:  # fmt: skip
+    def add_combination(
+        self,
+        out: torch.Tensor,
+        probes: Sequence[int],
+        coefficients: Sequence[float],
+        index: int,
+        start: int,
+        length: int,
+    ) -> None:
         """out += sum_i c_i z_i over elements [start, start + length) of tensor `index`, in probe order (the
         update replays the probes' z from their seeds)."""
         for probe, c in zip(probes, coefficients, strict=True):

@@ -180,7 +180,7 @@ class PopulationLoss:
     members: bool = False  # fn takes low-rank changes (Perturber.members), not stacked weights (Perturber.stacked)
 
 
-def probes_per_forward(requested: int, probes: int, models_per_probe: int, bytes_per_model: int, budget_mb: float):
+def probes_per_forward(requested: int, *, probes: int, models_per_probe: int, bytes_per_model: int, budget_mb: float):
     """How many probes one stacked forward evaluates: `requested`, or with 0 as many as fit in the budget."""
     if requested == 0:
         requested = int(budget_mb * 2**20 // (models_per_probe * bytes_per_model))
@@ -364,9 +364,17 @@ class ZOOptimizer:
         finished = time.perf_counter()
         forward_passes = config.num_probes * (2 if config.difference == "central" else 1) + base_forwards
         stats = self.statistics(
-            first, second, kept, eps, lr, update_norm, forward_passes, seconds_forward=seconds_forward,
-            seconds_update=finished - update_started, seconds_total=finished - population.started,
-        )  # fmt: skip
+            first,
+            second,
+            kept=kept,
+            eps=eps,
+            lr=lr,
+            update_norm=update_norm,
+            forward_passes=forward_passes,
+            seconds_forward=seconds_forward,
+            seconds_update=finished - update_started,
+            seconds_total=finished - population.started,
+        )
         self.step_count += 1
         return stats
 
@@ -407,9 +415,12 @@ class ZOOptimizer:
         group = 1
         if population_loss is not None:
             group = probes_per_forward(
-                config.probes_per_forward, len(owned), len(scales), population_loss.bytes_per_model,
-                config.stacked_memory_mb,
-            )  # fmt: skip
+                config.probes_per_forward,
+                probes=len(owned),
+                models_per_probe=len(scales),
+                bytes_per_model=population_loss.bytes_per_model,
+                budget_mb=config.stacked_memory_mb,
+            )
         if group == 1:
             self.perturber.snapshot()
             for row, probe in enumerate(owned):
@@ -445,7 +456,7 @@ class ZOOptimizer:
         """One probe's whole z, flat, per tensor (buffer mode keeps it for the update)."""
         return [self.perturber.z(probe, i, 0, p.numel()) for i, p in enumerate(self.params)]
 
-    def statistics(self, first, second, kept, eps, lr, update_norm, forward_passes, **seconds) -> ZOStepStats:
+    def statistics(self, first, second, *, kept, eps, lr, update_norm, forward_passes, **seconds) -> ZOStepStats:
         """What the step did, from the gathered losses; `seconds` are the step's three timings."""
         config = self.config
         g = projected_gradient_values(first, second, eps, config.difference, kept)
