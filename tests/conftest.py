@@ -66,8 +66,8 @@ FAST_TRAINING += ["--eval_batches", "1", "--logging_steps", "1", "--checksum_ste
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
     """Run scripts/<name> in a fresh interpreter; a non-zero exit raises CalledProcessError."""
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], check=True, capture_output=True,
-                          text=True, cwd=ROOT)  # fmt: skip
+    command = [sys.executable, str(ROOT / "scripts" / name), *args]
+    return subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
 
 
 def train_losses(output_dir: Path) -> list[float]:
@@ -83,8 +83,8 @@ def train_add_model(out: Path, max_steps: int) -> Path:
     from hf_zoo_rnn.training import ZooTrainer, parse_arguments
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    ZooTrainer(*parse_arguments([
-        "--output_dir", str(out), "--task", "add", "--tokenizer", "char", "--model_config", str(TINY_MODEL),
-        "--max_steps", str(max_steps), "--batch_size", "16", "--log_with", "none", "--eval_steps", "0", "--save_steps", "0",
-    ])).train()  # fmt: skip
+    args = ["--output_dir", str(out), "--task", "add", "--tokenizer", "char", "--model_config", str(TINY_MODEL)]
+    args += ["--max_steps", str(max_steps), "--batch_size", "16"]
+    args += ["--log_with", "none", "--eval_steps", "0", "--save_steps", "0"]
+    ZooTrainer(*parse_arguments(args)).train()
     return out

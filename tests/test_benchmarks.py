@@ -4,6 +4,9 @@ import csv
 
 from conftest import FAST_TRAINING, run_script
 
+# a start for the generation benchmarks: two quiet steps of the fast training run
+TWO_QUIET_STEPS = [*FAST_TRAINING, "--max_steps", "2", "--eval_steps", "0", "--save_steps", "0", "--log_with", "none"]
+
 
 def rows(path) -> list[dict]:
     with open(path, newline="") as handle:
@@ -73,9 +76,10 @@ def test_reproduction_runs_and_summarises_the_overfitting_experiment(tmp_path):
 
 def test_estimator_benchmark_runs_every_section_and_reports_the_zo_contribution(tmp_path):
     tiny = " ".join(FAST_TRAINING)
-    run_script("benchmark_estimators.py", "--sections", "lm", "memory", "cosine", "--methods", "one_step_only",
-               "one_step+zo_bias", "--seconds", "1", "--evaluations", "1", "--recall_length", "4",
-               "--train_arguments", tiny, "--output_dir", str(tmp_path))  # fmt: skip
+    methods = ["--methods", "one_step_only", "one_step+zo_bias"]
+    budget = ["--seconds", "1", "--evaluations", "1", "--recall_length", "4", "--train_arguments", tiny]
+    output = ["--output_dir", str(tmp_path)]
+    run_script("benchmark_estimators.py", "--sections", "lm", "memory", "cosine", *methods, *budget, *output)
     table = rows(tmp_path / "estimators.csv")
     runs = {(r["section"], r["method"]): r for r in table if r["section"] != "cosine"}
     assert set(runs) == {(s, m) for s in ("lm", "memory") for m in ("one_step_only", "one_step+zo_bias")}
@@ -87,8 +91,7 @@ def test_estimator_benchmark_runs_every_section_and_reports_the_zo_contribution(
     assert cosines["one-step gradient", "0"] > 0.5 > cosines["CD-RGE, isotropic", "16"]
     assert (tmp_path / "estimators_lm.png").stat().st_size > 0 and (tmp_path / "estimators_memory.png").is_file()
     (tmp_path / "estimators_lm.png").unlink()
-    run_script("benchmark_estimators.py", "--sections", "lm", "memory", "--methods", "one_step_only", "one_step+zo_bias",
-               "--replot", "--output_dir", str(tmp_path))  # fmt: skip
+    run_script("benchmark_estimators.py", "--sections", "lm", "memory", *methods, "--replot", *output)
     replotted = rows(tmp_path / "estimators.csv")
     assert replotted == [{key: r[key] for key in replotted[0]} for r in table if r["section"] != "cosine"]
     assert (tmp_path / "estimators_lm.png").stat().st_size > 0
@@ -121,13 +124,19 @@ def test_communication_and_recurrence_benchmarks_run(tmp_path):
 
 def test_population_benchmark_compares_batched_sequential_and_plain_generation(tmp_path):
     start = tmp_path / "start"
-    run_script("train.py", "--output_dir", str(start), *FAST_TRAINING, "--max_steps", "2", "--eval_steps", "0",
-               "--save_steps", "0", "--log_with", "none")  # fmt: skip
-    run_script("benchmark_population.py", "--model", str(start), "--members", "4", "--ranks", "1", "--prompts", "2",
-               "--max_new_tokens", "3", "--min_seconds", "0", "--api_steps", "4", "--output_dir", str(tmp_path))  # fmt: skip
+    run_script("train.py", "--output_dir", str(start), *TWO_QUIET_STEPS)
+    population = ["--model", str(start), "--members", "4", "--ranks", "1", "--prompts", "2", "--max_new_tokens", "3"]
+    population += ["--min_seconds", "0", "--api_steps", "4", "--output_dir", str(tmp_path)]
+    run_script("benchmark_population.py", *population)
     table = rows(tmp_path / "population.csv")
-    assert [(r["mode"], r["rank"]) for r in table] == [("generate", ""), ("batched", "1"), ("sequential", "1"),
-                                                      ("sequential", "0"), ("ESTrainer (Python API)", "1")]  # fmt: skip
+    modes_and_ranks = [
+        ("generate", ""),
+        ("batched", "1"),
+        ("sequential", "1"),
+        ("sequential", "0"),
+        ("ESTrainer (Python API)", "1"),
+    ]
+    assert [(r["mode"], r["rank"]) for r in table] == modes_and_ranks
     assert all(float(r["completions_per_s"]) > 0 and int(r["rows"]) == 8 for r in table[:4])
     assert float(table[4]["bare_step_seconds"]) > 0 and float(table[4]["api_overhead"]) > -1
     assert float(table[1]["speedup_vs_sequential"]) > 0 and (tmp_path / "population.png").stat().st_size > 0
@@ -135,11 +144,11 @@ def test_population_benchmark_compares_batched_sequential_and_plain_generation(t
 
 def test_rewards_benchmark_runs_every_method_and_the_memory_probe(tmp_path):
     start = tmp_path / "start"
-    run_script("train.py", "--output_dir", str(start), *FAST_TRAINING, "--max_steps", "2", "--eval_steps", "0",
-               "--save_steps", "0", "--log_with", "none")  # fmt: skip
-    run_script("benchmark_rewards.py", "--start", str(start), "--seconds", "1", "--seeds", "0", "--grpo_lrs", "1e-4",
-               "--eval_prompts", "2", "--group", "2", "--prompts_per_step", "2", "--max_new_tokens", "4", "--memory",
-               "--memory_lengths", "4", "--es_populations", "4x1", "4xfull", "--output_dir", str(tmp_path))  # fmt: skip
+    run_script("train.py", "--output_dir", str(start), *TWO_QUIET_STEPS)
+    kjv = ["--start", str(start), "--seconds", "1", "--seeds", "0", "--grpo_lrs", "1e-4", "--eval_prompts", "2"]
+    kjv += ["--group", "2", "--prompts_per_step", "2", "--max_new_tokens", "4"]
+    kjv += ["--memory", "--memory_lengths", "4", "--es_populations", "4x1", "4xfull", "--output_dir", str(tmp_path)]
+    run_script("benchmark_rewards.py", *kjv)
     table = rows(tmp_path / "rewards_kjv.csv")
     assert [r["method"] for r in table] == ["start", "es 4x1", "es 4xfull", "grpo lr=0.0001", "one_step_pg"]
     assert all(r["error"] == "" for r in table if "error" in r) and all(int(r["steps"]) >= 0 for r in table)
@@ -149,12 +158,12 @@ def test_rewards_benchmark_runs_every_method_and_the_memory_probe(tmp_path):
         tmp_path / "rewards_kjv_samples.md"
     ).read_text()
     task = tmp_path / "add"
-    run_script("train.py", "--output_dir", str(task), "--task", "add", "--task_max_length", "4", "--model_config",
-               "tiny", "--estimator", "bptt", "--max_steps", "2", "--eval_steps", "0", "--save_steps", "0",
-               "--log_with", "none")  # fmt: skip
-    run_script("benchmark_rewards.py", "--start", str(task), "--prompts", "add", "--task_max_length", "4",
-               "--methods", "es_pass4", "ce", "--seconds", "1", "--seeds", "0", "--eval_prompts", "2",
-               "--prompts_per_step", "2", "--output_dir", str(tmp_path))  # fmt: skip
+    bptt_on_add = ["--task", "add", "--task_max_length", "4", "--model_config", "tiny", "--estimator", "bptt"]
+    quiet = ["--max_steps", "2", "--eval_steps", "0", "--save_steps", "0", "--log_with", "none"]
+    run_script("train.py", "--output_dir", str(task), *bptt_on_add, *quiet)
+    on_add = ["--start", str(task), "--prompts", "add", "--task_max_length", "4", "--methods", "es_pass4", "ce"]
+    on_add += ["--seconds", "1", "--seeds", "0", "--eval_prompts", "2", "--prompts_per_step", "2"]
+    run_script("benchmark_rewards.py", *on_add, "--output_dir", str(tmp_path))
     table = rows(tmp_path / "rewards_add.csv")
     assert [r["method"] for r in table] == ["start", "es_pass4 64x1", "ce"] and all(not r.get("error") for r in table)
     assert all(0 <= float(r["exact_match"]) <= 1 and "pass@4" in r for r in table)

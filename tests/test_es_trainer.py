@@ -94,13 +94,30 @@ class Recorder(TrainerCallback):
 
 def test_callbacks_see_trls_metric_names_and_none_rewards_are_left_out(start, tmp_path):
     recorder = Recorder()
-    config = ESConfig(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=3, logging_steps=1,
-                      save_steps=1, population_size=4, max_completion_length=4, use_cpu=True)  # fmt: skip
-    trainer = ESTrainer(str(start), [exact_sum, digits], config, Dataset.from_dict({"prompt": PROMPTS}),
-                        callbacks=[recorder])  # fmt: skip
+    config = ESConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=3,
+        logging_steps=1,
+        save_steps=1,
+        population_size=4,
+        max_completion_length=4,
+        use_cpu=True,
+    )
+    prompts = Dataset.from_dict({"prompt": PROMPTS})
+    trainer = ESTrainer(str(start), [exact_sum, digits], config, train_dataset=prompts, callbacks=[recorder])
     trainer.train()
-    names = {"reward", "reward_std", "rewards/exact_sum/mean", "rewards/exact_sum/std", "rewards/digits/mean",
-             "frac_reward_zero_std", "completions/mean_length", "completions/min_length", "completions/max_length"}  # fmt: skip
+    names = {
+        "reward",
+        "reward_std",
+        "rewards/exact_sum/mean",
+        "rewards/exact_sum/std",
+        "rewards/digits/mean",
+        "frac_reward_zero_std",
+        "completions/mean_length",
+        "completions/min_length",
+        "completions/max_length",
+    }
     assert names <= set(recorder.logs[0]) and all(math.isfinite(recorder.logs[0][n]) for n in names)
     assert recorder.events[:3] == [("step", 1), ("save", 1), ("step", 2)] and recorder.events[-1] == ("end", 2)
     trainer.args.hub_model_id = "tester/es-trainer"  # the suite's loopback Hub (conftest)
@@ -111,18 +128,32 @@ def test_callbacks_see_trls_metric_names_and_none_rewards_are_left_out(start, tm
 
 
 def test_any_causal_lm_trains_member_by_member(bpe_tokenizer, tmp_path):
-    config = GPT2Config(vocab_size=len(bpe_tokenizer), n_positions=64, n_embd=16, n_layer=1, n_head=2,
-                        eos_token_id=bpe_tokenizer.eos_token_id, pad_token_id=bpe_tokenizer.pad_token_id)  # fmt: skip
+    config = GPT2Config(
+        vocab_size=len(bpe_tokenizer),
+        n_positions=64,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        eos_token_id=bpe_tokenizer.eos_token_id,
+        pad_token_id=bpe_tokenizer.pad_token_id,
+    )
     model = GPT2LMHeadModel(config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     def length_reward(prompts, completions, **_):
         return [len(c) / 10 for c in completions]
 
-    args = ESConfig(output_dir=str(tmp_path / "gpt2"), max_steps=2, per_device_train_batch_size=2, population_size=4,
-                    max_completion_length=5, sigma=0.1, use_cpu=True)  # fmt: skip
-    trainer = ESTrainer(model, length_reward, args, Dataset.from_dict({"prompt": ["You may", "the terms"]}),
-                        processing_class=bpe_tokenizer)  # fmt: skip
+    args = ESConfig(
+        output_dir=str(tmp_path / "gpt2"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        population_size=4,
+        max_completion_length=5,
+        sigma=0.1,
+        use_cpu=True,
+    )
+    prompts = Dataset.from_dict({"prompt": ["You may", "the terms"]})
+    trainer = ESTrainer(model, length_reward, args, train_dataset=prompts, processing_class=bpe_tokenizer)
     assert not trainer.engine and trainer.train() is not None
     assert trainer.engine.estimator.batched is False  # not an hf_zoo_rnn model: its own generate, one member at a time
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -139,24 +170,35 @@ def test_the_python_api_equals_the_command_line_bitwise_and_resumes_bitwise(star
         Dataset.from_list(PromptStream(str(rows), split, 1, 0).rows) for split in ("train", "validation")
     )
     AcceleratorState._reset_state(reset_partial_state=True)
-    ZooTrainer(*parse_arguments([
-        "--output_dir", str(tmp_path / "cli"), "--estimator", "es", "--init_from", str(start), "--prompts",
-        str(rows), "--rewards", "test_es_trainer:exact_sum,test_es_trainer:digits", "--reward_weights", "1,0.1",
-        "--zo_num_probes", "4", "--zo_eps", "0.05", "--zo_lr", "0.01",
-        "--zo_update_rule", "adam", "--zo_lr_schedule", "constant", "--zo_warmup_steps", "0", "--anchor_decay", "0.1",
-        "--zo_loss_shaping",
-        "per_prompt", "--zo_perturbation", "lowrank", "--zo_perturbation_rank", "2", "--batch_size", "3",
-        "--max_new_tokens", "4", "--max_steps", "4", "--save_steps", "2", "--eval_steps", "0", "--logging_steps", "1",
-        "--log_with", "none",
-    ])).train()  # fmt: skip
+    command_line = ["--output_dir", str(tmp_path / "cli"), "--estimator", "es", "--init_from", str(start)]
+    command_line += ["--prompts", str(rows)]
+    command_line += ["--rewards", "test_es_trainer:exact_sum,test_es_trainer:digits", "--reward_weights", "1,0.1"]
+    command_line += ["--zo_num_probes", "4", "--zo_eps", "0.05", "--zo_lr", "0.01", "--zo_update_rule", "adam"]
+    command_line += ["--zo_lr_schedule", "constant", "--zo_warmup_steps", "0", "--anchor_decay", "0.1"]
+    command_line += ["--zo_loss_shaping", "per_prompt", "--zo_perturbation", "lowrank", "--zo_perturbation_rank", "2"]
+    command_line += ["--batch_size", "3", "--max_new_tokens", "4", "--max_steps", "4", "--save_steps", "2"]
+    command_line += ["--eval_steps", "0", "--logging_steps", "1", "--log_with", "none"]
+    ZooTrainer(*parse_arguments(command_line)).train()
 
     def es(folder, steps, resume=None):
         AcceleratorState._reset_state(reset_partial_state=True)
-        config = ESConfig(output_dir=str(tmp_path / folder), max_steps=steps, per_device_train_batch_size=3,
-                          population_size=8, sigma=0.05, learning_rate=0.01, rank=2, fitness_shaping="per_prompt",
-                          anchor_decay=0.1,
-                          max_completion_length=4, save_steps=2, logging_steps=1, use_cpu=True, seed=0,
-                          reward_weights=[1.0, 0.1])  # fmt: skip
+        config = ESConfig(
+            output_dir=str(tmp_path / folder),
+            max_steps=steps,
+            per_device_train_batch_size=3,
+            population_size=8,
+            sigma=0.05,
+            learning_rate=0.01,
+            rank=2,
+            fitness_shaping="per_prompt",
+            anchor_decay=0.1,
+            max_completion_length=4,
+            save_steps=2,
+            logging_steps=1,
+            use_cpu=True,
+            seed=0,
+            reward_weights=[1.0, 0.1],
+        )
         ESTrainer(str(start), [exact_sum, digits], config, train, held_out).train(resume_from_checkpoint=resume)
 
     es("python", 4)

@@ -73,8 +73,14 @@ def test_greedy_generate_equals_the_hand_loops(cell, layers):
 def test_beam_search_is_the_same_with_and_without_cache(cell):
     model = fp64_model(cell)
     prompt = torch.randint(0, 64, (2, 6))
-    options = dict(max_new_tokens=8, num_beams=4, num_return_sequences=3, do_sample=False, output_scores=True,
-                   return_dict_in_generate=True)  # fmt: skip
+    options = dict(
+        max_new_tokens=8,
+        num_beams=4,
+        num_return_sequences=3,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     cached = model.generate(prompt, use_cache=True, **options)
     uncached = model.generate(prompt, use_cache=False, **options)
     assert cached.sequences.shape == (6, 14)

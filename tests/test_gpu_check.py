@@ -27,8 +27,8 @@ def test_the_gpu_check_runs_every_part_on_cpu(tmp_path):
 
 
 def test_a_part_that_overruns_its_limit_costs_only_that_part(tmp_path):
-    command = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--dry_run", "--parts", "parity", "memory",
-               "--part_seconds", "0.001", "--output_dir", str(tmp_path)]  # fmt: skip
+    command = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--dry_run", "--parts", "parity", "memory"]
+    command += ["--part_seconds", "0.001", "--output_dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "gpu_check.csv")))

@@ -24,10 +24,8 @@ PUSH = ["--push_to_hub", "--hub_retries", "3", "--hub_retry_seconds", "0.05", "-
 
 def train_and_push(output_dir, repo_id: str, *extra: str) -> dict:
     """A one-step training run that pushes its final model to `repo_id` at the end."""
-    return run([
-        "--output_dir", str(output_dir), *FAST_TRAINING, *PUSH, "--max_steps", "1", "--save_steps", "0",
-        "--hub_strategy", "end", "--hub_model_id", repo_id, *extra,
-    ])  # fmt: skip
+    args = ["--output_dir", str(output_dir), *FAST_TRAINING, *PUSH, "--max_steps", "1", "--save_steps", "0"]
+    return run([*args, "--hub_strategy", "end", "--hub_model_id", repo_id, *extra])
 
 
 def commits(repo_id: str) -> list[dict]:
@@ -146,8 +144,8 @@ def test_a_server_that_stays_down_loses_nothing_locally_and_fails_the_run(tmp_pa
         with pytest.raises(
             PushFailedError, match=r"holds the model, but pushing it to tester/down failed .*hf-zoo-rnn-push"
         ):
-            run(["--output_dir", str(tmp_path), *FAST_TRAINING, *PUSH, "--max_steps", "2", "--save_steps", "1",
-                 "--hub_strategy", "every_save", "--hub_model_id", "tester/down", "--hub_retries", "1"])  # fmt: skip
+            args = ["--output_dir", str(tmp_path), *FAST_TRAINING, *PUSH, "--max_steps", "2", "--save_steps", "1"]
+            run([*args, "--hub_strategy", "every_save", "--hub_model_id", "tester/down", "--hub_retries", "1"])
     finally:
         HUB.state.down = False
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "README.md").is_file()
@@ -163,8 +161,8 @@ def test_a_hub_that_never_answers_cannot_hold_the_run_nor_fill_the_disk(tmp_path
     started = time.monotonic()
     try:
         with pytest.raises(PushFailedError, match=r"unfinished after 3 s"):
-            run(["--output_dir", str(tmp_path), *FAST_TRAINING, *PUSH, "--max_steps", "6", "--save_steps", "1",
-                 "--hub_strategy", "every_save", "--hub_model_id", "tester/stalled", "--hub_timeout", "3"])  # fmt: skip
+            args = ["--output_dir", str(tmp_path), *FAST_TRAINING, *PUSH, "--max_steps", "6", "--save_steps", "1"]
+            run([*args, "--hub_strategy", "every_save", "--hub_model_id", "tester/stalled", "--hub_timeout", "3"])
         snapshots = list(tmp_path.glob(".hub-push-*"))
     finally:
         HUB.state.stalled.clear()

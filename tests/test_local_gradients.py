@@ -107,8 +107,15 @@ def test_unknown_scope_is_a_clear_error():
 def test_a_non_finite_local_gradient_is_dropped_not_stepped():
     model = fp64_model()
     names = readout_parameter_names(model)
-    args = SimpleNamespace(local_lr=0.1, local_beta1=0.9, local_beta2=0.999, local_weight_decay=0.0,
-                           local_lr_schedule="constant", local_warmup_steps=0, local_steps=1)  # fmt: skip
+    args = SimpleNamespace(
+        local_lr=0.1,
+        local_beta1=0.9,
+        local_beta2=0.999,
+        local_weight_decay=0.0,
+        local_lr_schedule="constant",
+        local_warmup_steps=0,
+        local_steps=1,
+    )
     gradient = LocalGradient(model, "readout", trained=names, surrogate=[], args=args, total_steps=10)
     ids, labels = batch()
     before = {name: param.detach().clone() for name, param in model.named_parameters()}

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from hf_zoo_rnn.training import ZooTrainer, parse_arguments
 
-ARGS = [*FAST_TRAINING, "--max_steps", "30", "--save_steps", "2", "--save_total_limit", "3", "--eval_steps", "0",
-        "--log_with", "none"]  # fmt: skip
+ARGS = [*FAST_TRAINING, "--max_steps", "30", "--save_steps", "2", "--save_total_limit", "3"]
+ARGS += ["--eval_steps", "0", "--log_with", "none"]
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -37,26 +37,30 @@ def free_port() -> int:
 
 
 def launch(*options: str) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--mixed_precision", "no",
-            "--dynamo_backend", "no", *options, "-m", "hf_zoo_rnn.train"]  # fmt: skip
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    settings = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*accelerate, *settings, *options, "-m", "hf_zoo_rnn.train"]
 
 
 def start_machines(tmp_path, extra: list[str]) -> list[subprocess.Popen]:
     """Machine r sees tmp_path/machine<r> at tmp_path/run (a bind mount in its own mount namespace)."""
     run, port = tmp_path / "run", free_port()
     run.mkdir(exist_ok=True)
+    main_process = ["--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
     machines = []
     for rank in range(2):
         disk = tmp_path / f"machine{rank}"
         disk.mkdir(exist_ok=True)
-        command = launch("--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
-                         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port))  # fmt: skip
-        namespace = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                     'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", str(disk), str(run)]  # fmt: skip
+        command = launch("--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank), *main_process)
+        bind_disk_at_run = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+        namespace = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", bind_disk_at_run]
+        namespace += ["sh", str(disk), str(run)]
+        argv = [*namespace, *command, "--output_dir", str(run), *ARGS, *extra]
         machines.append(
-            subprocess.Popen([*namespace, *command, "--output_dir", str(run), *ARGS, *extra], env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        )  # fmt: skip
+            subprocess.Popen(
+                argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+            )
+        )
     return machines
 
 
@@ -120,11 +124,9 @@ def test_machines_with_their_own_disks_save_kill_and_resume_bitwise(tmp_path):
 
 
 def test_an_odd_probe_count_on_two_processes_is_the_root_cause_of_the_launch_failure(tmp_path):
-    result = subprocess.run(
-        [*launch("--num_processes", "2", "--num_machines", "1"), "--output_dir", str(tmp_path), *ARGS,
-         "--zo_num_probes", "3", "--max_steps", "1"],
-        env=ENV, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    command = [*launch("--num_processes", "2", "--num_machines", "1"), "--output_dir", str(tmp_path), *ARGS]
+    command += ["--zo_num_probes", "3", "--max_steps", "1"]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600)
     message = "train.py: error: zo_num_probes=3 is not divisible by the 2 processes"
     assert result.returncode != 0
     root_cause = result.stderr[result.stderr.index("Root Cause") :]

@@ -115,8 +115,9 @@ def test_the_es_step_in_one_batch_equals_members_one_at_a_time(bpe_tokenizer, sa
         param.normal_(0, 0.5)
     prompts = PromptBatch(["Licensed under the", "You may", "the terms and conditions of"], {})
     options = {"do_sample": True, "samples": 2, "temperature": 0.8} if sampled else {}
-    zo_config = ZOConfig(num_probes=3, lr=0.01, eps=0.2, perturbation="lowrank", perturbation_rank=2,
-                         loss_shaping="per_prompt")  # fmt: skip
+    zo_config = ZOConfig(
+        num_probes=3, lr=0.01, eps=0.2, perturbation="lowrank", perturbation_rank=2, loss_shaping="per_prompt"
+    )
     steps, completions = [], []
     for batched in (True, False):
         model = copy.deepcopy(start)

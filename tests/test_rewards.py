@@ -55,16 +55,23 @@ def test_bad_reward_functions_are_one_error_naming_the_function_and_row():
         return [1.0, "high"]
 
     prompts, completions = ["p1", "p2"], ["a", "b"]
-    for function, message in ((raises, "reward function raises raised KeyError"),
-                              (short, "reward function short returned 1 values for 2 completions"),
-                              (words, r"reward function words, row 1 \('p2'\): 'high' is not a number")):  # fmt: skip
+    bad_functions = [
+        (raises, "reward function raises raised KeyError"),
+        (short, "reward function short returned 1 values for 2 completions"),
+        (words, r"reward function words, row 1 \('p2'\): 'high' is not a number"),
+    ]
+    for function, message in bad_functions:
         with pytest.raises(RewardError, match=message):
             combined_rewards([function], [1.0], prompts, completions, {})
     rewards, nonfinite, _ = combined_rewards([nan_reward, distinct_4], [1.0, 0.5], ["p", "q"], ["x", "y z"], {})
     assert math.isnan(rewards[0]) and rewards[1] == 1.0 and nonfinite == 1
     assert load_reward_function("test_rewards:nan_reward") is nan_reward
-    for spec, message in (("nope", "neither built in"), ("no_such_module:f", "cannot be loaded"),
-                          ("test_rewards:missing", "cannot be loaded")):  # fmt: skip
+    bad_specs = [
+        ("nope", "neither built in"),
+        ("no_such_module:f", "cannot be loaded"),
+        ("test_rewards:missing", "cannot be loaded"),
+    ]
+    for spec, message in bad_specs:
         with pytest.raises(RewardError, match=message):
             load_reward_function(spec)
 
@@ -94,13 +101,13 @@ def add_model(tmp_path_factory):
 
 
 def reward_args(out, start, *extra) -> list[str]:
-    return ["--output_dir", str(out), "--estimator", "es", "--init_from", str(start), "--prompts", "add",
-            "--rewards", "add_exact,test_rewards:nan_reward", "--zo_num_probes", "4", "--zo_update_rule", "adam",
-            "--zo_lr_schedule", "cosine", "--zo_warmup_steps", "20",
-            "--zo_eps", "0.05", "--zo_lr", "0.01", "--zo_loss_shaping", "centered_ranks", "--batch_size", "3",
-            "--max_new_tokens", "4", "--do_sample", "--reward_samples", "2", "--reward_aggregation", "best",
-            "--anchor_decay", "0.1", "--log_with", "none", "--eval_steps", "0", "--eval_batches", "1",
-            "--logging_steps", "1", *extra]  # fmt: skip
+    args = ["--output_dir", str(out), "--estimator", "es", "--init_from", str(start), "--prompts", "add"]
+    args += ["--rewards", "add_exact,test_rewards:nan_reward", "--zo_num_probes", "4", "--zo_update_rule", "adam"]
+    args += ["--zo_lr_schedule", "cosine", "--zo_warmup_steps", "20"]
+    args += ["--zo_eps", "0.05", "--zo_lr", "0.01", "--zo_loss_shaping", "centered_ranks", "--batch_size", "3"]
+    args += ["--max_new_tokens", "4", "--do_sample", "--reward_samples", "2", "--reward_aggregation", "best"]
+    args += ["--anchor_decay", "0.1", "--log_with", "none", "--eval_steps", "0", "--eval_batches", "1"]
+    return [*args, "--logging_steps", "1", *extra]
 
 
 def run(argv):
@@ -111,8 +118,8 @@ def run(argv):
 def test_evolution_strategies_resume_bitwise_and_record_the_objective(add_model, tmp_path):
     run(reward_args(tmp_path / "whole", add_model, "--max_steps", "4", "--save_steps", "2"))
     run(reward_args(tmp_path / "part", add_model, "--max_steps", "2", "--save_steps", "2"))
-    run(reward_args(tmp_path / "part", add_model, "--max_steps", "4", "--save_steps", "2",
-                    "--resume_from_checkpoint", "latest"))  # fmt: skip
+    resume_to_step_4 = ["--max_steps", "4", "--save_steps", "2", "--resume_from_checkpoint", "latest"]
+    run(reward_args(tmp_path / "part", add_model, *resume_to_step_4))
     whole, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "part"))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     start = load_file(add_model / "model.safetensors")
@@ -130,8 +137,9 @@ def test_evolution_strategies_resume_bitwise_and_record_the_objective(add_model,
 
 def test_two_processes_train_on_rewards_bitwise_like_one(add_model, tmp_path):
     args = reward_args(tmp_path / "two", add_model, "--max_steps", "2", "--save_steps", "0")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "configs/accelerate/cpu-2.yaml"), "-m", "hf_zoo_rnn.train", *args]  # fmt: skip
+    two_processes = ROOT / "configs/accelerate/cpu-2.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(two_processes)]
+    launch += ["-m", "hf_zoo_rnn.train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
     result = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -148,9 +156,12 @@ def test_two_processes_train_on_rewards_bitwise_like_one(add_model, tmp_path):
 def test_reward_settings_that_cannot_work_are_clear_errors(add_model, tmp_path):
     from hf_zoo_rnn.config_files import ConfigFileError
 
-    for extra, message in ((["--zo_num_probes", "0"], "--estimator es needs zo_num_probes >= 1"),
-                           (["--reward_samples", "3", "--do_sample", "false"], "add --do_sample"),
-                           (["--rewards", "add_exact,no_such_module:f"], "cannot be loaded")):  # fmt: skip
+    bad_settings = [
+        (["--zo_num_probes", "0"], "--estimator es needs zo_num_probes >= 1"),
+        (["--reward_samples", "3", "--do_sample", "false"], "add --do_sample"),
+        (["--rewards", "add_exact,no_such_module:f"], "cannot be loaded"),
+    ]
+    for extra, message in bad_settings:
         with pytest.raises(ConfigFileError, match=message):
             run(reward_args(tmp_path / "bad", add_model, "--max_steps", "1", "--overwrite_output_dir", *extra))
     with pytest.raises(ConfigFileError, match="give it with --init_from"):
@@ -172,10 +183,9 @@ def test_rewards_take_what_trl_takes_numpy_none_and_trl_keywords():
     def only_none(prompts, completions, **_):
         return [None] * len(completions)
 
-    totals, nonfinite, per_function = combined_rewards(
-        [numpy_array, numpy_scalars_and_none, only_none], [1.0, 0.5, 3.0], ["p", "q"], ["a", "b"],
-        {"completion_ids": [[1], [2, 3]], "trainer_state": "state", "answer": ["1", "2"]},
-    )  # fmt: skip
+    functions = [numpy_array, numpy_scalars_and_none, only_none]
+    columns = {"completion_ids": [[1], [2, 3]], "trainer_state": "state", "answer": ["1", "2"]}
+    totals, nonfinite, per_function = combined_rewards(functions, [1.0, 0.5, 3.0], ["p", "q"], ["a", "b"], columns)
     assert totals == [1.5, 1.5] and nonfinite == 0  # None is left out of the sum, as TRL's nansum does
     assert math.isnan(per_function["numpy_scalars_and_none"][1]) and all(map(math.isnan, per_function["only_none"]))
     assert seen == {"ids": [[1], [2, 3]], "state": "state", "columns": {"answer": ["1", "2"]}}
@@ -224,8 +234,8 @@ def test_sigterm_during_a_slow_reward_saves_at_once_and_the_resume_is_bitwise(ad
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests"), "SLOW_REWARD_FLAG": str(flag)}
     rewards = ["--rewards", "add_exact,test_rewards:slow_when_flagged", "--max_steps", "3", "--save_steps", "0"]
     command = [sys.executable, "-m", "hf_zoo_rnn.train", *reward_args(tmp_path / "stopped", add_model), *rewards]
-    subprocess.run([*command[:3], *reward_args(tmp_path / "whole", add_model), *rewards], env=env, check=True,
-                   capture_output=True, timeout=600)  # fmt: skip
+    uninterrupted = [*command[:3], *reward_args(tmp_path / "whole", add_model), *rewards]
+    subprocess.run(uninterrupted, env=env, check=True, capture_output=True, timeout=600)
     flag.touch()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -237,8 +247,8 @@ def test_sigterm_during_a_slow_reward_saves_at_once_and_the_resume_is_bitwise(ad
     _, stderr = process.communicate(timeout=60)
     assert time.perf_counter() - signalled < 15 and process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "during step 1's rewards" in stderr and "Traceback" not in stderr
-    subprocess.run([*command, "--resume_from_checkpoint", "latest"], env=env, check=True, capture_output=True,
-                   timeout=600)  # fmt: skip
+    resume = [*command, "--resume_from_checkpoint", "latest"]
+    subprocess.run(resume, env=env, check=True, capture_output=True, timeout=600)
     whole, stopped = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "stopped"))
     assert all(torch.equal(whole[k], stopped[k]) for k in whole)
 

@@ -149,9 +149,14 @@ def test_a_manifest_names_only_and_all_the_files_of_its_checkpoint(finished, tmp
     assert "optimizer.safetensors is not in manifest.json (a partial manifest" in checkpoint_problem(checkpoint)
     (checkpoint / "manifest.json").write_text('{"files": {}}')
     assert checkpoint_problem(checkpoint).endswith("manifest.json lists no files")
-    for text, message in (('{"files": []}', "has no files object"), ("[1]", "holds a list, not a JSON object"),
-                          ("[" * 100_000 + "]" * 100_000, "is nested too deep"), ("{", "is not valid JSON"),
-                          ('{"files": {"config.json": 3}}', "the entry of 'config.json' is not")):  # fmt: skip
+    bad_manifests = [
+        ('{"files": []}', "has no files object"),
+        ("[1]", "holds a list, not a JSON object"),
+        ("[" * 100_000 + "]" * 100_000, "is nested too deep"),
+        ("{", "is not valid JSON"),
+        ('{"files": {"config.json": 3}}', "the entry of 'config.json' is not"),
+    ]
+    for text, message in bad_manifests:
         (checkpoint / "manifest.json").write_text(text)
         assert message in checkpoint_problem(checkpoint), text[:20]
     (checkpoint / "manifest.json").write_text('{"files": {}}')  # damaged: latest resumes checkpoint-2
@@ -161,8 +166,12 @@ def test_a_manifest_names_only_and_all_the_files_of_its_checkpoint(finished, tmp
 
 def test_a_checkpoint_without_a_required_file_is_incomplete(finished, tmp_path):
     out = copy_run(finished, tmp_path)
-    for name, message in (("tokenizer.json", "tokenizer.json is missing"), ("config.json", "config.json is missing"),
-                          ("process_0.json", "holds no process state")):  # fmt: skip
+    required_files = [
+        ("tokenizer.json", "tokenizer.json is missing"),
+        ("config.json", "config.json is missing"),
+        ("process_0.json", "holds no process state"),
+    ]
+    for name, message in required_files:
         checkpoint = shutil.copytree(out / "checkpoint-3", tmp_path / name)
         (checkpoint / name).unlink()
         write_manifest(checkpoint)  # a consistent manifest, as a partial copy re-signed would have
@@ -235,8 +244,12 @@ def test_a_data_position_of_the_wrong_shape_is_one_line(finished, tmp_path):
     out = copy_run(finished, tmp_path)
     checkpoint = out / "checkpoint-3"
     honest = load_state(checkpoint, "process_0")
-    for data, message in (({"rows": None}, "has no 'buffer'"), ({**honest["data"], "buffer": "x"}, "buffer='x'"),
-                          ({**honest["data"], "rows": {"epoch": 0}}, "does not fit")):  # fmt: skip
+    wrong_shapes = [
+        ({"rows": None}, "has no 'buffer'"),
+        ({**honest["data"], "buffer": "x"}, "buffer='x'"),
+        ({**honest["data"], "rows": {"epoch": 0}}, "does not fit"),
+    ]
+    for data, message in wrong_shapes:
         save_state({"data": data, "rng": honest["rng"]}, checkpoint, "process_0")
         write_manifest(checkpoint)
         with pytest.raises(DataError, match=rf"the checkpoint's data position .*{message}"):
@@ -295,11 +308,14 @@ def test_the_data_state_is_flat_whatever_one_rows_length_and_resumes_exactly(tmp
 
 
 def test_options_that_cannot_train_are_one_line_each(finished, tmp_path):
-    for argv, message in ((["--context_length", "1"], "context_length must be at least 2 for text"),
-                          (["--max_steps", "0"], "max_steps and logging_steps must be at least 1"),
-                          (["--logging_steps", "0"], "max_steps and logging_steps must be at least 1"),
-                          (["--save_steps", "-1"], "save_steps must be 0 or more"),
-                          (["--output_dir", ""], "output_dir is empty")):  # fmt: skip
+    bad_options = [
+        (["--context_length", "1"], "context_length must be at least 2 for text"),
+        (["--max_steps", "0"], "max_steps and logging_steps must be at least 1"),
+        (["--logging_steps", "0"], "max_steps and logging_steps must be at least 1"),
+        (["--save_steps", "-1"], "save_steps must be 0 or more"),
+        (["--output_dir", ""], "output_dir is empty"),
+    ]
+    for argv, message in bad_options:
         with pytest.raises(ConfigFileError, match=message):
             parse_arguments(argv)
     parse_arguments(["--task", "copy", "--context_length", "1"])  # tasks do not pack text into blocks
@@ -328,10 +344,13 @@ def test_a_model_folder_without_tokenizer_files_names_the_missing_file(finished,
 
 def test_evaluate_and_generate_options_that_cannot_work_are_named(finished):
     model = str(finished / "run")
-    for script, argv, message in (("evaluate.py", ["--batches", "0"], "--batches must be at least 1, got 0"),
-                                  ("evaluate.py", ["--context_length", "1"], "--context_length must be at least 2"),
-                                  ("evaluate.py", ["--split", "test"], "--split must be train or validation"),
-                                  ("generate.py", ["--do_sample", "--temperature", "0"], "--temperature > 0")):  # fmt: skip
+    bad_options = [
+        ("evaluate.py", ["--batches", "0"], "--batches must be at least 1, got 0"),
+        ("evaluate.py", ["--context_length", "1"], "--context_length must be at least 2"),
+        ("evaluate.py", ["--split", "test"], "--split must be train or validation"),
+        ("generate.py", ["--do_sample", "--temperature", "0"], "--temperature > 0"),
+    ]
+    for script, argv, message in bad_options:
         with pytest.raises(subprocess.CalledProcessError) as caught:
             run_script(script, "--model", model, *argv)
         assert message in caught.value.stderr.strip().splitlines()[-1] and "Traceback" not in caught.value.stderr
@@ -341,10 +360,10 @@ def test_evaluate_and_generate_options_that_cannot_work_are_named(finished):
 def test_a_read_only_output_folder_is_one_line_naming_it(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    train = [sys.executable, "-m", "hf_zoo_rnn.train", "--output_dir", str(disk / "run"), *FAST_TRAINING,
-             "--tokenizer", "char", "--max_steps", "1", "--log_with", "none"]  # fmt: skip
+    train = [sys.executable, "-m", "hf_zoo_rnn.train", "--output_dir", str(disk / "run"), *FAST_TRAINING]
+    train += ["--tokenizer", "char", "--max_steps", "1", "--log_with", "none"]
     script = f"mount -t tmpfs -o size=1m,ro tmpfs {disk} || exit 99\n{' '.join(train)}"
-    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], env=ENV,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    in_a_mount_namespace = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script]
+    result = subprocess.run(in_a_mount_namespace, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"cannot create {disk / 'run'}: Read-only file system" in result.stderr.strip().splitlines()[-1]

@@ -21,8 +21,8 @@ from test_machines import can_unshare
 from hf_zoo_rnn.data import documents, open_text_source
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/cpu-1.yaml"),
-          str(ROOT / "scripts" / "train.py")]  # fmt: skip
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+LAUNCH += ["--config_file", str(ROOT / "configs/accelerate/cpu-1.yaml"), str(ROOT / "scripts" / "train.py")]
 
 
 def text_file(folder) -> str:
@@ -47,13 +47,13 @@ def trainers_running(output_dir) -> list[psutil.Process]:
 
 
 def test_sigterm_saves_exits_and_several_stops_resume_bitwise(tmp_path):
-    args = [*FAST_TRAINING, "--dataset", text_file(tmp_path), "--max_steps", "400", "--save_steps", "100",
-            "--eval_steps", "0", "--log_with", "none", "--save_total_limit", "2"]  # fmt: skip
+    args = [*FAST_TRAINING, "--dataset", text_file(tmp_path), "--max_steps", "400", "--save_steps", "100"]
+    args += ["--eval_steps", "0", "--log_with", "none", "--save_total_limit", "2"]
     subprocess.run([*LAUNCH, "--output_dir", str(tmp_path / "whole"), *args], check=True, env=ENV, capture_output=True)
     out, rng, resume, stops = tmp_path / "stopped", random.Random(0), [], []
     for target in sorted(rng.sample(range(3, 350), 3)):
-        launcher = subprocess.Popen([*LAUNCH, "--output_dir", str(out), *args, *resume], env=ENV,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        command = [*LAUNCH, "--output_dir", str(out), *args, *resume]
+        launcher = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 180
         while (max(logged_steps(out), default=0) < target) and time.time() < deadline and launcher.poll() is None:
             time.sleep(0.01)
@@ -95,14 +95,14 @@ def test_a_second_run_and_a_finished_runs_folder_are_refused(tmp_path):
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=60) == 128 + signal.SIGINT
     # the first run stopped with a checkpoint; a new run into its folder is refused, overwrite starts over
-    fresh = subprocess.run(command[:3] + ["--output_dir", str(out), *args[:-6], "--max_steps", "2"], env=ENV,
-                           capture_output=True, text=True)  # fmt: skip
+    into_the_stopped_run = [*command[:3], "--output_dir", str(out), *args[:-6], "--max_steps", "2"]
+    fresh = subprocess.run(into_the_stopped_run, env=ENV, capture_output=True, text=True)
     assert fresh.returncode != 0
     last = fresh.stderr.strip().splitlines()[-1]
     assert "error:" in last and "holds a previous run (checkpoint-" in last and "--overwrite_output_dir" in last
     assert "Traceback" not in fresh.stderr
-    again = [*command[:3], "--output_dir", str(out), *FAST_TRAINING, "--max_steps", "2", "--save_steps", "0",
-             "--eval_steps", "0", "--log_with", "none", "--overwrite_output_dir"]  # fmt: skip
+    again = [*command[:3], "--output_dir", str(out), *FAST_TRAINING, "--max_steps", "2", "--save_steps", "0"]
+    again += ["--eval_steps", "0", "--log_with", "none", "--overwrite_output_dir"]
     subprocess.run(again, env=ENV, check=True, capture_output=True)
     assert logged_steps(out) == [1, 2] and [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
 
@@ -111,11 +111,10 @@ def test_a_second_run_and_a_finished_runs_folder_are_refused(tmp_path):
 def test_resuming_another_runs_checkpoint_is_refused(tmp_path, changed):
     out = tmp_path / "run"
     args = [*FAST_TRAINING, "--max_steps", "2", "--eval_steps", "0", "--log_with", "none"]
-    subprocess.run([sys.executable, "-m", "hf_zoo_rnn.train", "--output_dir", str(out), *args], env=ENV, check=True,
-                   capture_output=True)  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "hf_zoo_rnn.train", "--output_dir", str(out), *args,
-                             "--max_steps", "4", "--resume_from_checkpoint", "latest", *changed], env=ENV,
-                            capture_output=True, text=True)  # fmt: skip
+    train = [sys.executable, "-m", "hf_zoo_rnn.train", "--output_dir", str(out), *args]
+    subprocess.run(train, env=ENV, check=True, capture_output=True)
+    resume = [*train, "--max_steps", "4", "--resume_from_checkpoint", "latest", *changed]
+    result = subprocess.run(resume, env=ENV, capture_output=True, text=True)
     assert result.returncode != 0
     assert "was trained by another run than this run asks for" in result.stderr and changed[0][2:] in result.stderr
 
@@ -127,8 +126,8 @@ def test_a_full_disk_is_one_line_and_loses_no_checkpoint(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     run = disk / "run"
-    train = [sys.executable, "-m", "hf_zoo_rnn.train", "--output_dir", str(run), *FAST_TRAINING, "--tokenizer", "char",
-             "--eval_steps", "0", "--log_with", "none", "--save_steps", "1", "--save_total_limit", "0"]  # fmt: skip
+    train = [sys.executable, "-m", "hf_zoo_rnn.train", "--output_dir", str(run), *FAST_TRAINING, "--tokenizer", "char"]
+    train += ["--eval_steps", "0", "--log_with", "none", "--save_steps", "1", "--save_total_limit", "0"]
     verify = "from hf_zoo_rnn.training.checkpoints import latest_checkpoint as l; import sys; print('LATEST', l(sys.argv[1]))"
     script = f"""
 mount -t tmpfs -o size=2m tmpfs {disk} || exit 99
@@ -141,8 +140,8 @@ for old in {run}/checkpoint-*; do [ "$old" = "$latest" ] || rm -rf "$old"; done
 {" ".join(train)} --resume_from_checkpoint latest --max_steps $(( ${{latest##*-}} + 2 )) 2> {tmp_path}/resume
 echo "RESUMED $?"
 """
-    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], env=ENV,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    in_a_mount_namespace = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script]
+    result = subprocess.run(in_a_mount_namespace, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     stderr = (tmp_path / "stderr").read_text()
     assert "EXIT 1" in result.stdout and "Traceback" not in stderr, stderr[-3000:]

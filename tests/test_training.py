@@ -180,8 +180,8 @@ def test_sigkill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, m
     whole, resumed = final_weights(tmp_path / "whole"), final_weights(killed)
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
-    logged = [[r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
-              for run in (tmp_path / "whole", killed)]  # fmt: skip
+    logs = [(folder / "metrics.jsonl").read_text().splitlines() for folder in (tmp_path / "whole", killed)]
+    logged = [[json.loads(line)["step"] for line in lines] for lines in logs]
     assert logged[0] == logged[1]  # the resumed run's log continues without repeating a step
 
 
@@ -190,9 +190,12 @@ def test_bad_inputs_give_one_clear_error_and_keep_what_was_written(tmp_path):
     config.write_text("max_steps: 3\nlearning_rat: 0.1\n")
     with pytest.raises(ConfigFileError, match=r"train\.yaml: unknown key\(s\) \['learning_rat'\]"):
         parse_arguments(["--config", str(config)])
-    for line, message in (("max_steps: ten", "max_steps must be a whole number, got 'ten'"),
-                          ("fixed_batch: 3", "fixed_batch must be true or false, got 3"),
-                          ("zo_lr: [0.1]", r"zo_lr must be a number or null, got \[0.1\]")):  # fmt: skip
+    bad_lines = [
+        ("max_steps: ten", "max_steps must be a whole number, got 'ten'"),
+        ("fixed_batch: 3", "fixed_batch must be true or false, got 3"),
+        ("zo_lr: [0.1]", r"zo_lr must be a number or null, got \[0.1\]"),
+    ]
+    for line, message in bad_lines:
         config.write_text(line + "\n")
         with pytest.raises(ConfigFileError, match=rf"train\.yaml: {message}"):
             parse_arguments(["--config", str(config)])
@@ -237,8 +240,7 @@ def test_local_gradients_train_their_parameters_and_leave_the_rest_frozen(tmp_pa
     before = {name: param.detach().clone() for name, param in initial.model.named_parameters()}
 
     readout = tmp_path / "readout"
-    run(fast_args(readout, "--max_steps", "4", "--estimator", "readout", "--local_lr", "0.01",
-                  "--local_steps", "3"))  # fmt: skip
+    run(fast_args(readout, "--max_steps", "4", "--estimator", "readout", "--local_lr", "0.01", "--local_steps", "3"))
     last = [r for r in map(json.loads, (readout / "metrics.jsonl").read_text().splitlines()) if "tokens" in r][-1]
     assert last["tokens"] == 4 * 3 * 2 * 32 and last["forward_passes"] == 4 * 3  # every local step's batch counts
     after = final_weights(readout)
@@ -438,15 +440,16 @@ def test_big_models_are_saved_in_shards(tmp_path):
 
 def test_stacked_probes_train_like_sequential_ones_and_early_stop_ends_the_run(tmp_path):
     losses = {}
+    no_evals_or_saves = ["--eval_steps", "0", "--save_steps", "0"]
     for per_forward in ("1", "2"):
         out = tmp_path / f"probes-{per_forward}"
-        run(fast_args(out, "--max_steps", "3", "--eval_steps", "0", "--save_steps", "0", "--zo_lr", "0.05",
-                      "--zo_probes_per_forward", per_forward, "--log_with", "none"))  # fmt: skip
+        probes = ["--zo_lr", "0.05", "--zo_probes_per_forward", per_forward]
+        run(fast_args(out, "--max_steps", "3", *no_evals_or_saves, *probes, "--log_with", "none"))
         losses[per_forward] = train_losses(out)
     assert losses["2"] == pytest.approx(losses["1"], abs=1e-5)
     out = tmp_path / "early"
-    final = run(fast_args(out, "--max_steps", "50", "--eval_steps", "0", "--save_steps", "0", "--log_with", "none",
-                          "--stop_at_train_loss", "100"))  # fmt: skip
+    early_stop = ["--log_with", "none", "--stop_at_train_loss", "100"]
+    final = run(fast_args(out, "--max_steps", "50", *no_evals_or_saves, *early_stop))
     assert len(train_losses(out)) == 1 and (out / "checkpoint-1").is_dir() and "eval_loss" in final
 
 
@@ -510,9 +513,9 @@ def test_pruning_never_removes_the_newest_checkpoint_that_verifies(tmp_path, mon
 
 def test_a_run_whose_steps_are_all_skipped_stops_before_saving(tmp_path):
     out = tmp_path / "diverged"  # probes at theta +- 1e38 z: every loss is NaN, every step skipped
+    diverging = ["--zo_eps", "1e38", "--max_skipped_steps", "3"]
     with pytest.raises(TrainingStalledError, match=r"step \d+: 3 steps in a row were skipped \(every probe's loss"):
-        run(fast_args(out, "--max_steps", "30", "--save_steps", "0", "--eval_steps", "0", "--zo_eps", "1e38",
-                      "--max_skipped_steps", "3"))  # fmt: skip
+        run(fast_args(out, "--max_steps", "30", "--save_steps", "0", "--eval_steps", "0", *diverging))
     assert not (out / "model.safetensors").exists()
 
 
@@ -536,11 +539,11 @@ def test_a_non_finite_local_gradient_is_skipped_and_stops_the_run_when_it_persis
 
     monkeypatch.setattr(local_estimator, "accumulate_local_gradients", poisoned)
     out = tmp_path / "nan"
+    one_step = ["--estimator", "one_step", "--local_steps", "2", "--max_skipped_steps", "2"]
     with pytest.raises(
         TrainingStalledError, match=r"step 2: 2 steps in a row were skipped \(the loss was NaN or infinite\)"
     ):
-        run(fast_args(out, "--estimator", "one_step", "--local_steps", "2",
-                      "--max_skipped_steps", "2", "--max_steps", "5", "--save_steps", "0", "--eval_steps", "0"))  # fmt: skip
+        run(fast_args(out, *one_step, "--max_steps", "5", "--save_steps", "0", "--eval_steps", "0"))
     assert not (out / "model.safetensors").exists()
 
 
@@ -613,10 +616,10 @@ def test_local_data_validates_on_held_out_documents_or_the_named_validation_data
 
 def test_train_module_ends_a_user_mistake_with_one_line(tmp_path):
     error_file = tmp_path / "error.json"  # what torch elastic (accelerate launch) gives each process
-    result = subprocess.run(
-        [sys.executable, "-m", "hf_zoo_rnn.train", *fast_args(tmp_path / "out", "--dataset", str(tmp_path / "no.txt"))],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "TORCHELASTIC_ERROR_FILE": str(error_file)},
-    )  # fmt: skip
+    args = fast_args(tmp_path / "out", "--dataset", str(tmp_path / "no.txt"))
+    command = [sys.executable, "-m", "hf_zoo_rnn.train", *args]
+    env = {**os.environ, "TORCHELASTIC_ERROR_FILE": str(error_file)}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
     message = f"train.py: error: data file not found: {tmp_path / 'no.txt'}"
     assert result.returncode == 1 and result.stderr.strip().endswith(message) and "Traceback" not in result.stderr
     assert json.loads(error_file.read_text())["message"] == message
@@ -670,14 +673,15 @@ def test_bad_data_and_options_each_give_one_line_naming_the_cause(tmp_path):
     nulls.write_text('{"text": null}\n')
     table = tmp_path / "table.parquet"
     pq.write_table(pa.table({"text": ["a", "b"], "count": [1, 2]}), table)
+    one_char_step = ["--tokenizer", "char", "--max_steps", "1"]
     for dataset, extra, message in (
         (numbers, [], rf"{numbers}, line 2: column 'text' holds int 12345, not text"),
         (nulls, [], rf"{nulls}, line 1: column 'text' holds NoneType None, not text"),
         (table, ["--text_column", "count"], rf"{table}, row 1: column 'count' holds int 1, not text"),
     ):
+        args = fast_args(tmp_path / "out", "--dataset", str(dataset), *one_char_step, "--overwrite_output_dir", *extra)
         with pytest.raises(DataError, match=message):
-            run(fast_args(tmp_path / "out", "--dataset", str(dataset), "--tokenizer", "char", "--max_steps", "1",
-                          "--overwrite_output_dir", *extra))  # fmt: skip
+            run(args)
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "a.txt").write_text("text")
@@ -686,8 +690,8 @@ def test_bad_data_and_options_each_give_one_line_naming_the_cause(tmp_path):
         run(fast_args(tmp_path / "out", "--dataset", str(mixed / "*"), "--max_steps", "1", "--overwrite_output_dir"))
     blank = tmp_path / "blank.txt"
     blank.write_text("   \n\n \n")
-    result = subprocess.run([sys.executable, "-m", "hf_zoo_rnn.train", *fast_args(tmp_path / "blank", "--dataset",
-                             str(blank), "--tokenizer", "char", "--max_steps", "1")], capture_output=True, text=True)  # fmt: skip
+    blank_args = fast_args(tmp_path / "blank", "--dataset", str(blank), *one_char_step)
+    result = subprocess.run([sys.executable, "-m", "hf_zoo_rnn.train", *blank_args], capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "yields no full batch" in result.stderr.strip().splitlines()[-1]
     # --model_config beside --init_from is checked against the loaded model, not ignored

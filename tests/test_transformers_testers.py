@@ -39,8 +39,8 @@ def transformers_tests() -> Path | None:
     package = cache / "transformers_sdist_tests"
     if not (package / "test_modeling_common.py").is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        download = [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
-                    f"transformers=={version}", "--dest", str(cache)]  # fmt: skip
+        pip_download = [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps"]
+        download = [*pip_download, f"transformers=={version}", "--dest", str(cache)]
         if subprocess.run(download, capture_output=True, timeout=600).returncode != 0:
             return None
         with tarfile.open(next(cache.glob("transformers-*.tar.gz"))) as archive:
@@ -73,8 +73,15 @@ class ZooRnnModelTester:
         self.is_training = True
 
     def get_config(self) -> ZooRnnConfig:
-        return ZooRnnConfig(cell=self.cell, vocab_size=self.vocab_size, embedding_size=16, num_heads=self.num_heads,
-                            head_dim=self.head_dim, num_hidden_layers=self.num_hidden_layers, chunk_size=4)  # fmt: skip
+        return ZooRnnConfig(
+            cell=self.cell,
+            vocab_size=self.vocab_size,
+            embedding_size=16,
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            num_hidden_layers=self.num_hidden_layers,
+            chunk_size=4,
+        )
 
     def prepare_config_and_inputs_for_common(self):
         input_ids = common.ids_tensor([self.batch_size, self.seq_length], self.vocab_size)

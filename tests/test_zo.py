@@ -273,9 +273,14 @@ def test_state_dict_round_trip_continues_identically(optimizer):
     ids = torch.randint(0, 12, (4, 10))
     rule, _, perturbation = optimizer.partition("-")
     config = ZOConfig(
-        num_probes=4, lr=0.05, update_rule=rule, weight_decay=0.01, lr_schedule="cosine", total_steps=10,
+        num_probes=4,
+        lr=0.05,
+        update_rule=rule,
+        weight_decay=0.01,
+        lr_schedule="cosine",
+        total_steps=10,
         perturbation=perturbation or "full",
-    )  # fmt: skip
+    )
     model = tiny_lm()
     zo = ZOOptimizer(model, config)
     for _ in range(3):
@@ -371,8 +376,8 @@ def run_ranks(world_size, probes, mode, ids, steps=2, **options):
         if zo.config.probes_per_forward != 1:  # low-rank probes as one batch, each process its share
             members = population_loss(models[rank], zo.names, ids, ids, members=True)
         for _ in range(steps):
-            zo.step(lm_loss(models[rank], ids), rank=rank, world_size=world_size, gather=gather_for(rank),
-                    population_loss=members)  # fmt: skip
+            loss = lm_loss(models[rank], ids)
+            zo.step(loss, rank=rank, world_size=world_size, gather=gather_for(rank), population_loss=members)
 
     threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(world_size)]
     for thread in threads:
@@ -453,8 +458,9 @@ def test_stacked_points_are_the_sequential_points_bit_for_bit(dtype):
     before = snapshot(model)
     perturber.snapshot()
     for j, probe in enumerate(probes):
-        assert bitwise_equal([z.view_as(p) for z, p in zip(z_cache[j], params, strict=True)],
-                             [perturber.z(probe, i, 0, p.numel()).view_as(p) for i, p in enumerate(params)])  # fmt: skip
+        cached = [z.view_as(p) for z, p in zip(z_cache[j], params, strict=True)]
+        regenerated = [perturber.z(probe, i, 0, p.numel()).view_as(p) for i, p in enumerate(params)]
+        assert bitwise_equal(cached, regenerated)
         for k, scale in enumerate((0.01, -0.01)):
             perturber.perturb(probe, scale)
             assert bitwise_equal(snapshot(model), [stack[2 * j + k] for stack in points])
@@ -646,10 +652,12 @@ def test_low_rank_probes_learn_and_refuse_what_they_cannot_combine():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"cell": "gru", "num_hidden_layers": 2, "layer_norm": True, "output_bias": True},
-     {"num_hidden_layers": 2, "residual": True, "tie_word_embeddings": True}],
-    ids=["lstm", "gru-2-norm", "lstm-2-tied"],
-)  # fmt: skip
+    [
+        pytest.param({}, id="lstm"),
+        pytest.param({"cell": "gru", "num_hidden_layers": 2, "layer_norm": True, "output_bias": True}, id="gru-2-norm"),
+        pytest.param({"num_hidden_layers": 2, "residual": True, "tie_word_embeddings": True}, id="lstm-2-tied"),
+    ],
+)
 @pytest.mark.parametrize("rank", [1, 2])
 @pytest.mark.parametrize("cpu_path", ["dense", "loop"])
 def test_low_rank_members_in_one_batch_give_each_perturbed_models_loss(overrides, rank, cpu_path, monkeypatch):
