@@ -270,6 +270,7 @@ class RewardObjective:
         functions: list[RewardFunction],
         weights: list[float],
         max_new_tokens: int,
+        *,
         do_sample: bool = False,
         temperature: float = 1.0,
         samples: int = 1,

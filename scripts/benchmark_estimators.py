@@ -125,10 +125,19 @@ def budgeted_run(name: str, section: str, args: EstimatorBenchmarkArguments) -> 
     )
     steps = max(int(args.seconds / seconds_per_step), args.evaluations)
     return train(
-        [*base, "--max_steps", str(steps), "--eval_steps", str(max(steps // args.evaluations, 1)),
-         "--logging_steps", str(max(steps // 50, 1)), "--max_train_seconds", str(args.seconds)],
+        [
+            *base,
+            "--max_steps",
+            str(steps),
+            "--eval_steps",
+            str(max(steps // args.evaluations, 1)),
+            "--logging_steps",
+            str(max(steps // 50, 1)),
+            "--max_train_seconds",
+            str(args.seconds),
+        ],
         folder,
-    )  # fmt: skip
+    )
 
 
 def final_row(section: str, name: str, records: list[dict]) -> dict:

@@ -55,7 +55,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 
 from hf_zoo_rnn.data import BUILTIN_KJV, PackedStream, open_text_source  # noqa: E402
 from hf_zoo_rnn.data.prompts import PROMPT_TASKS, PromptBatch, PromptStream  # noqa: E402
-from hf_zoo_rnn.data.tasks import answer_batch  # noqa: E402
+from hf_zoo_rnn.data.tasks import answer_batch, prompt_completion_ids  # noqa: E402
 from hf_zoo_rnn.estimators.evolution import EvolutionStrategies  # noqa: E402
 from hf_zoo_rnn.forwards.local import accumulate_local_gradients  # noqa: E402
 from hf_zoo_rnn.rewards import (  # noqa: E402
@@ -145,8 +145,9 @@ def evaluate(model, start, tokenizer, args: RewardBenchmarkArguments) -> dict:
         batch, longer = seen.batch(0), held_out(args).batch(0)
         completions = greedy.completions(model, batch.prompts)
         ood = RewardObjective(tokenizer, functions, weights, args.task_max_length + 52)
-        best_of = RewardObjective(tokenizer, functions, weights, args.completion_tokens, do_sample=True,
-                                  samples=PASS_K, aggregation="best")  # fmt: skip
+        best_of = RewardObjective(
+            tokenizer, functions, weights, args.completion_tokens, do_sample=True, samples=PASS_K, aggregation="best"
+        )
         results = {
             "exact_match": statistics.mean(greedy.scored(batch.prompts, completions, batch.columns)),
             "exact_match_ood": statistics.mean(ood.prompt_rewards(model, longer.prompts, longer.columns)),
@@ -178,9 +179,29 @@ def score(row: dict) -> float:
 
 
 def train_command(args: RewardBenchmarkArguments, seed: int, out: Path, *options: str) -> list[str]:
-    return [sys.executable, "-m", "hf_zoo_rnn.train", *options, "--init_from", args.start, "--output_dir", str(out),
-            "--overwrite_output_dir", "--seed", str(seed), "--max_steps", "1000000", "--max_train_seconds",
-            str(args.seconds), "--eval_steps", "0", "--save_steps", "0", "--log_with", "none"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "hf_zoo_rnn.train",
+        *options,
+        "--init_from",
+        args.start,
+        "--output_dir",
+        str(out),
+        "--overwrite_output_dir",
+        "--seed",
+        str(seed),
+        "--max_steps",
+        "1000000",
+        "--max_train_seconds",
+        str(args.seconds),
+        "--eval_steps",
+        "0",
+        "--save_steps",
+        "0",
+        "--log_with",
+        "none",
+    ]
 
 
 def run_trainer(command: list[str], out: Path) -> int:
@@ -192,15 +213,31 @@ def run_trainer(command: list[str], out: Path) -> int:
 def run_es(args: RewardBenchmarkArguments, seed: int, out: Path, pass_k: bool, population: str) -> int:
     population, _, cap = population.partition("@")
     members, rank = population.split("x")
-    options = ["--config", "rewards-kjv", "--batch_size", str(args.prompts_per_step),
-               "--max_new_tokens", str(args.completion_tokens), "--zo_num_probes", str(int(members) // 2)]  # fmt: skip
+    options = [
+        "--config",
+        "rewards-kjv",
+        "--batch_size",
+        str(args.prompts_per_step),
+        "--max_new_tokens",
+        str(args.completion_tokens),
+        "--zo_num_probes",
+        str(int(members) // 2),
+    ]
     if rank == "full":
         options += ["--zo_perturbation", "full"]
     else:
         options += ["--zo_perturbation", "lowrank", "--zo_perturbation_rank", rank]
     if args.is_task:
-        options += ["--prompts", args.prompts, "--rewards", TASK_REWARDS[args.prompts].__name__, "--reward_weights",
-                    "1", "--task_max_length", str(args.task_max_length)]  # fmt: skip
+        options += [
+            "--prompts",
+            args.prompts,
+            "--rewards",
+            TASK_REWARDS[args.prompts].__name__,
+            "--reward_weights",
+            "1",
+            "--task_max_length",
+            str(args.task_max_length),
+        ]
     if pass_k:
         options += ["--do_sample", "--reward_samples", str(PASS_K), "--reward_aggregation", "best"]
     command = train_command(args, seed, out, *options)
@@ -211,8 +248,18 @@ def run_es(args: RewardBenchmarkArguments, seed: int, out: Path, pass_k: bool, p
 
 
 def run_ce(args: RewardBenchmarkArguments, seed: int, out: Path) -> int:
-    options = ["--task", args.prompts, "--task_max_length", str(args.task_max_length), "--estimator", "bptt",
-               "--bptt_lr", str(args.ce_lr), "--batch_size", str(args.prompts_per_step * args.group)]  # fmt: skip
+    options = [
+        "--task",
+        args.prompts,
+        "--task_max_length",
+        str(args.task_max_length),
+        "--estimator",
+        "bptt",
+        "--bptt_lr",
+        str(args.ce_lr),
+        "--batch_size",
+        str(args.prompts_per_step * args.group),
+    ]
     return run_trainer(train_command(args, seed, out, *options), out)
 
 
@@ -234,21 +281,36 @@ def run_grpo(args: RewardBenchmarkArguments, seed: int, lr: float, out: Path, mo
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    batch = PromptStream(args.prompts, "train", args.prompts_per_step * 500, seed=seed,
-                         max_task_length=args.task_max_length).batch(0)  # fmt: skip
+    batch = PromptStream(
+        args.prompts, "train", args.prompts_per_step * 500, seed=seed, max_task_length=args.task_max_length
+    ).batch(0)
     functions, weights = rewards_of(args, start, tokenizer)
     config = GRPOConfig(
-        output_dir=str(out), learning_rate=lr, beta=args.grpo_beta, num_generations=args.group,
-        per_device_train_batch_size=args.group * args.prompts_per_step, max_completion_length=args.completion_tokens,
-        max_steps=100000, seed=seed, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
-        disable_tqdm=True, reward_weights=weights, dataloader_num_workers=0,
-    )  # fmt: skip
+        output_dir=str(out),
+        learning_rate=lr,
+        beta=args.grpo_beta,
+        num_generations=args.group,
+        per_device_train_batch_size=args.group * args.prompts_per_step,
+        max_completion_length=args.completion_tokens,
+        max_steps=100000,
+        seed=seed,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        reward_weights=weights,
+        dataloader_num_workers=0,
+    )
     tokenizer.padding_side = "left"
     trainer = GRPOTrainer(
-        model=model, reward_funcs=functions, args=config, processing_class=tokenizer,
+        model=model,
+        reward_funcs=functions,
+        args=config,
+        processing_class=tokenizer,
         train_dataset=Dataset.from_dict({"prompt": batch.prompts, **batch.columns}),
         callbacks=[StopAfter(args.seconds)],
-    )  # fmt: skip
+    )
     trainer.train()
     return trainer.state.global_step
 
@@ -286,12 +348,9 @@ class OneStepPolicyGradient:
         expanded, expanded_columns = per_sample(prompts, columns, group)
         rewards = objective.scored(expanded, completions, expanded_columns)
         advantages = group_advantages(rewards, group)
-        pairs = [
-            (tokenizer(prompt, add_special_tokens=False)["input_ids"],
-             tokenizer(completion, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id])
-            for prompt, completion in zip(expanded, completions, strict=True)
-        ]  # fmt: skip
-        ids, labels = answer_batch(pairs, tokenizer.pad_token_id)
+        pairs = [prompt_completion_ids(tokenizer, p, c) for p, c in zip(expanded, completions, strict=True)]
+        # an empty completion scores the end token, so every row has a position that learns
+        ids, labels = answer_batch([(p, c or [tokenizer.eos_token_id]) for p, c in pairs], tokenizer.pad_token_id)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         device = self.model.device
@@ -303,8 +362,9 @@ class OneStepPolicyGradient:
 
 def run_one_step_pg(args: RewardBenchmarkArguments, seed: int, model, start, tokenizer) -> int:
     functions, weights = rewards_of(args, start, tokenizer)
-    objective = RewardObjective(tokenizer, functions, weights, args.completion_tokens, do_sample=True,
-                                samples=args.group)  # fmt: skip
+    objective = RewardObjective(
+        tokenizer, functions, weights, args.completion_tokens, do_sample=True, samples=args.group
+    )
     learner = OneStepPolicyGradient(model, objective, args.pg_lr)
     stream = PromptStream(args.prompts, "train", args.prompts_per_step, seed=seed, max_task_length=args.task_max_length)
     started, steps = time.perf_counter(), 0
@@ -335,13 +395,19 @@ def memory_worker(args: RewardBenchmarkArguments, mode: str, length: int) -> dic
     else:  # with the config's rewards (fluency holds a frozen copy of the start) and population (64 low-rank members)
         start = AutoModelForCausalLM.from_pretrained(args.start).eval().requires_grad_(False)
         objective = RewardObjective(tokenizer, *rewards_of(args, start, tokenizer), length)
-        config = ZOConfig(num_probes=32, eps=0.01, lr=1e-3, update_rule="adam", loss_shaping="zscore",
-                          perturbation="lowrank")  # fmt: skip
+        config = ZOConfig(
+            num_probes=32, eps=0.01, lr=1e-3, update_rule="adam", loss_shaping="zscore", perturbation="lowrank"
+        )
         step = EvolutionStrategies(model, ZOOptimizer(model, config), objective, run_seed=0)
         run = partial(step.train_step, PromptBatch(prompts))
     before, peak = rss_peak_during(run)
-    return {"mode": mode, "completion_tokens": length, "rss_before_mb": round(before, 1),
-            "peak_rss_mb": round(peak, 1), "extra_mb": round(peak - before, 1)}  # fmt: skip
+    return {
+        "mode": mode,
+        "completion_tokens": length,
+        "rss_before_mb": round(before, 1),
+        "peak_rss_mb": round(peak, 1),
+        "extra_mb": round(peak - before, 1),
+    }
 
 
 def rss_peak_during(run) -> tuple[float, float]:
@@ -392,9 +458,16 @@ def worker(args: RewardBenchmarkArguments, spec: str, output_dir: Path) -> dict:
     if method in ("es", "es_pass4", "ce"):  # the trainer's own count (a run capped at N rollouts stops early)
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         seconds = max(r.get("training_seconds", 0.0) for r in records) or args.seconds
-    results = {"method": name, "seed": seed, "steps": steps, "rollouts": rollouts,
-               "train_seconds": round(seconds, 1), "generations_per_s": round(rollouts / seconds, 1),
-               **evaluate(model, start, tokenizer, args), "peak_rss_mb": round(peak_rss_mb())}  # fmt: skip
+    results = {
+        "method": name,
+        "seed": seed,
+        "steps": steps,
+        "rollouts": rollouts,
+        "train_seconds": round(seconds, 1),
+        "generations_per_s": round(rollouts / seconds, 1),
+        **evaluate(model, start, tokenizer, args),
+        "peak_rss_mb": round(peak_rss_mb()),
+    }
     if method == "grpo":  # the sampled policy GRPO optimises, beside the greedy decoder
         functions, weights = rewards_of(args, start, tokenizer)
         sampled = RewardObjective(tokenizer, functions, weights, args.completion_tokens, do_sample=True)
@@ -424,8 +497,11 @@ def main() -> None:
     first, rest = args.seeds[0], args.seeds[1:]
     for method in args.methods:
         if method in ("es", "es_pass4"):
-            rows += [run_in_worker(f"{method}:{seed}:{population}") for population in args.es_populations
-                     for seed in args.seeds]  # fmt: skip
+            rows += [
+                run_in_worker(f"{method}:{seed}:{population}")
+                for population in args.es_populations
+                for seed in args.seeds
+            ]
             continue
         if method != "grpo":
             rows += [run_in_worker(f"{method}:{seed}") for seed in args.seeds]
@@ -437,8 +513,11 @@ def main() -> None:
             lr = best["method"].split("lr=")[1]
             rows += [run_in_worker(f"grpo:{seed}:{lr}") for seed in rest]
     if args.memory:
-        table = [run_in_worker(f"memory-{mode}:{length}") for length in args.memory_lengths
-                 for mode in ("generate", "es_step")]  # fmt: skip
+        table = [
+            run_in_worker(f"memory-{mode}:{length}")
+            for length in args.memory_lengths
+            for mode in ("generate", "es_step")
+        ]
         write_table(table, output_dir / "rewards_memory.csv")
     samples = ["# Samples (held-out prompts | continuation)", ""]
     for row in rows:
@@ -461,8 +540,12 @@ def plot(rows: list[dict], path: Path, args: RewardBenchmarkArguments) -> None:
             marker = "*" if row["method"] == "start" else "osD^v"[int(row["seed"] or 0) % 5]
             label = row["method"] if row["seed"] in ("", args.seeds[0]) else None
             ax.scatter(float(row[x]), float(row[y]), color=color, marker=marker, s=60, label=label)
-    labels = {"eval_loss": "validation loss (nats/token)", "distinct_4": "held-out greedy distinct-4",
-              "exact_match": "greedy exact match, training lengths", "exact_match_ood": "exact match, longer"}  # fmt: skip
+    labels = {
+        "eval_loss": "validation loss (nats/token)",
+        "distinct_4": "held-out greedy distinct-4",
+        "exact_match": "greedy exact match, training lengths",
+        "exact_match_ood": "exact match, longer",
+    }
     ax.set(xlabel=labels[x], ylabel=labels[y], title=f"training on rewards: {args.prompts} (marker: seed)")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, HfArgumentParser  # noqa: E402
 import hf_zoo_rnn  # noqa: E402, F401  (registers the Auto classes)
 from hf_zoo_rnn.config_files import load_model_config  # noqa: E402
 from hf_zoo_rnn.estimators.probes import population_loss  # noqa: E402
-from hf_zoo_rnn.training.trainer import peak_memory_mb  # noqa: E402
+from hf_zoo_rnn.training.reporting import peak_memory_mb  # noqa: E402
 from hf_zoo_rnn.zo import ZOConfig, ZOOptimizer  # noqa: E402
 from hf_zoo_rnn.zo.optimizer import probes_per_forward  # noqa: E402
 

@@ -136,10 +136,18 @@ def plot(experiment: str, runs: dict[str, list[dict]], path: Path) -> None:
         names = list(runs)
         finals = [runs[n][-1] for n in names]
         positions = range(len(names))
-        ax.bar([p - 0.2 for p in positions], [f.get("exact_match_in_distribution", 0) for f in finals], 0.4,
-               label="lengths 2-10 (train)")  # fmt: skip
-        ax.bar([p + 0.2 for p in positions], [f.get("exact_match_out_of_distribution", 0) for f in finals], 0.4,
-               label="lengths 11-60 (OOD)")  # fmt: skip
+        ax.bar(
+            [p - 0.2 for p in positions],
+            [f.get("exact_match_in_distribution", 0) for f in finals],
+            0.4,
+            label="lengths 2-10 (train)",
+        )
+        ax.bar(
+            [p + 0.2 for p in positions],
+            [f.get("exact_match_out_of_distribution", 0) for f in finals],
+            0.4,
+            label="lengths 11-60 (OOD)",
+        )
         ax.set_xticks(list(positions), names, rotation=30, ha="right")
         ax.set(ylabel="exact match", ylim=(0, 1), title="copy / reverse / sort: exact match at the end")
         ax.legend()

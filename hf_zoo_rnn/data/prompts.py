@@ -54,6 +54,7 @@ class PromptStream:
         split: str,
         batch_size: int,
         seed: int,
+        *,
         prompt_column: str = "prompt",
         max_task_length: int = 10,
         prompt_words: int = 4,

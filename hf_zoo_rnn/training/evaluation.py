@@ -9,6 +9,7 @@ import torch
 
 from ..data import BUILTIN_KJV, PackedStream, TaskStream, exact_match, open_text_source
 from ..data.prompts import PromptStream
+from ..data.tasks import prompt_completion_ids
 from ..rewards import RewardObjective
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,7 @@ def kl_to_reference(model, reference, tokenizer, prompts: list[str], completions
     training on a reward moved the model from where it started, where it now generates."""
     total, count = 0.0, 0
     for prompt, completion in zip(prompts, completions, strict=True):
-        context = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-        answer = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        context, answer = prompt_completion_ids(tokenizer, prompt, completion)
         if not answer:
             continue
         ids = torch.tensor([context + answer], device=model.device)

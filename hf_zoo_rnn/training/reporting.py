@@ -1,8 +1,10 @@
 """What a finished run leaves for people: a loss-curve PNG and a model card; and the tables scripts make of runs."""
 
 import csv
+import dataclasses
 import json
 import os
+import resource
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -75,6 +77,22 @@ def plot_loss_curve(history: list[dict], path: Path, train_label: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def flat_config(args, world_size: int) -> dict:
+    """Every argument of the run, for the trackers (zero-order settings under their zo_ names)."""
+    values = {}
+    for prefix, group in (("", args.model), ("", args.data), ("", args.train), ("zo_", args.zo)):
+        for key, value in dataclasses.asdict(group).items():
+            values[prefix + key] = value if isinstance(value, int | float | str | bool) else str(value)
+    values["world_size"] = world_size
+    return values
 
 
 def hardware(device) -> str:

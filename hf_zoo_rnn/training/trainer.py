@@ -7,10 +7,8 @@ full model; zero-order estimators exchange only loss scalars, and a parameter ch
 (data); files, resume, checkpoints and pushes are persistence.py's; evaluation is the objective's (evaluation.py).
 """
 
-import dataclasses
 import logging
 import math
-import resource
 import signal
 import time
 from pathlib import Path
@@ -33,7 +31,15 @@ from .events import TrainingEvents
 from .persistence import RunStorage
 from .preemption import Preempted, StopRequests
 from .replicas import check_replicas
-from .reporting import RunSummary, append_record, hardware, plot_loss_curve, write_model_card
+from .reporting import (
+    RunSummary,
+    append_record,
+    flat_config,
+    hardware,
+    peak_memory_mb,
+    plot_loss_curve,
+    write_model_card,
+)
 from .streams import BatchSource, data_descriptions, data_identity, make_stream
 
 logger = logging.getLogger(__name__)
@@ -169,7 +175,7 @@ class ZooTrainer:
         if self.accelerator.is_main_process or self.storage.writes_shared:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.trackers:
-            self.accelerator.init_trackers("hf_zoo_rnn", config=flat_config(self))
+            self.accelerator.init_trackers("hf_zoo_rnn", config=flat_config(self.args, self.world_size))
         progress = tqdm(
             total=args.max_steps, initial=self.counters["step"], disable=not self.accelerator.is_local_main_process
         )
@@ -360,20 +366,3 @@ class ZooTrainer:
             ({k: v for k, v in r.items() if k.startswith("eval_")} for r in reversed(self.history) if "eval_loss" in r),
             {},
         )
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def flat_config(trainer: ZooTrainer) -> dict:
-    """Every argument of the run, for the trackers (zero-order settings under their zo_ names)."""
-    values = {}
-    groups = [("", trainer.model_args), ("", trainer.data_args), ("", trainer.train_args), ("zo_", trainer.zo_config)]
-    for prefix, args in groups:
-        for key, value in dataclasses.asdict(args).items():
-            values[prefix + key] = value if isinstance(value, int | float | str | bool) else str(value)
-    values["world_size"] = trainer.world_size
-    return values
