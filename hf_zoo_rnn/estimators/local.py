@@ -39,10 +39,9 @@ class LocalArguments:
     )
 
 
-def partition_parameters(
-    model: ZooRnnForCausalLM, local_gradient: str, zo_patterns: str
-) -> tuple[list[str], list[str]]:
-    """(names trained by ZO, names trained by the local gradient), in registration order; the rest stays frozen.
+def partition_parameters(model: ZooRnnForCausalLM, scope: str, zo_patterns: str) -> tuple[list[str], list[str]]:
+    """(names trained by ZO, names trained by the local gradient of `scope`: none, readout or one_step), in
+    registration order; the rest stays frozen.
 
     zo_patterns "auto" gives ZO every parameter the local gradient does not train: all of them without one, all
     but the readout with "readout", none with "one_step" (which trains everything). Globs move the named
@@ -51,23 +50,23 @@ def partition_parameters(
     """
     names = [name for name, _ in model.named_parameters()]
     readout = readout_parameter_names(model)
-    if local_gradient == "readout" and model.config.tie_word_embeddings:
+    if scope == "readout" and model.config.tie_word_embeddings:
         raise ValueError(
-            "local_gradient=readout cannot train a tied readout (tie_word_embeddings): the tied matrix is also the "
-            "input embedding; untie it or use local_gradient=one_step"
+            "the readout's gradient cannot train a tied readout (tie_word_embeddings): the tied matrix is also the "
+            "input embedding; untie it or use the one_step gradient"
         )
     if zo_patterns == "auto":
-        zo = [] if local_gradient == "one_step" else [n for n in names if local_gradient == "none" or n not in readout]
+        zo = [] if scope == "one_step" else [n for n in names if scope == "none" or n not in readout]
     else:
         globs = [glob.strip() for glob in zo_patterns.split(",") if glob.strip()]
         unmatched = [glob for glob in globs if not any(fnmatch(name, glob) for name in names)]
         if unmatched or not globs:
             raise ValueError(f"zo_parameters {zo_patterns!r}: {unmatched or 'no glob'} matches none of {names}")
         zo = [name for name in names if any(fnmatch(name, glob) for glob in globs)]
-    if local_gradient == "none":
+    if scope == "none":
         return zo, []
-    scope = readout if local_gradient == "readout" else names
-    return zo, [name for name in scope if name not in zo]
+    reached = readout if scope == "readout" else names
+    return zo, [name for name in reached if name not in zo]
 
 
 class LocalGradient:

@@ -109,11 +109,9 @@ class TrainArguments(*reversed(ARGUMENT_GROUPS)):
     estimator: str = field(
         default="one_step",
         metadata={
-            "help": "how a step turns a batch into an update: one_step (every parameter's exact gradient through one "
-            "recurrent step, AdamW; no backpropagation through time), readout (the readout's exact gradient alone), "
-            "probes (the paper's zero-order CD-RGE), hybrid (a local gradient and probes), es (evolution strategies "
-            "on rewards), bptt (the backpropagation baseline). Each reads its own options: local_*, zo_*, bptt_*, "
-            "the reward options"
+            "help": f"how a step turns a batch into an update: {', '.join(ESTIMATORS)} (the default: every parameter's "
+            "exact gradient through one recurrent step, no backpropagation through time). Each reads its own "
+            "options (local_*, zo_*, bptt_*, the reward options): README.md, 'Estimator'"
         },
     )
     max_steps: int = field(default=3000, metadata={"help": "optimisation steps"})
