@@ -290,8 +290,10 @@ def test_an_estimator_state_names_its_kind_and_refuses_another():
     assert parts_of(state, "hybrid")["zo"] == {"step_count": 2}
     with pytest.raises(ValueError, match="it was trained with --estimator hybrid; this run uses --estimator probes"):
         parts_of(state, "probes")
-    with pytest.raises(ValueError, match="older than the --estimator option; this run uses --estimator probes"):
-        parts_of({"step_count": 2}, "probes")  # what a checkpoint before the option holds
+    flat = {"step": 2, "config": {}, "parameter_names": [], "buffers": {}}  # a ZO state before states had kinds
+    assert parts_of(flat, "probes") == {"zo": flat} and parts_of({**flat, "local": {}}, "hybrid")["local"] == {}
+    with pytest.raises(ValueError, match="another method, by an hf_zoo_rnn older than --estimator; .* one_step"):
+        parts_of(flat, "one_step")
 
 
 @pytest.mark.parametrize(
@@ -723,3 +725,29 @@ def test_every_registered_estimator_parses_describes_itself_and_owns_its_options
         assert sentence.startswith("**") and all(len(row) == 2 for row in rows), name
         for group in spec.arguments:  # its options parse as the run's
             assert group in ARGUMENT_GROUPS and {field.name for field in fields(group)} <= names
+
+
+@pytest.mark.parametrize("method", [[], HYBRID], ids=["probes", "hybrid"])
+def test_a_checkpoint_from_before_the_estimator_option_resumes_bitwise(tmp_path, method):
+    """What the previous version wrote: a flat estimator state (the local gradient's under "local", the ZO
+    optimiser's keys beside it) and a run identity naming the retired optimizer option."""
+    from hf_zoo_rnn.training.checkpoints import save_state
+
+    # schedules that do not depend on max_steps, so a 2-step run is the first half of a 4-step one
+    args = [*method, "--local_lr_schedule", "constant", "--save_steps", "2", "--eval_steps", "0", "--log_with", "none"]
+    run(fast_args(tmp_path / "whole", "--max_steps", "4", *args))
+    out = tmp_path / "run"
+    run(fast_args(out, "--max_steps", "2", *args))
+    checkpoint = out / "checkpoint-2"
+    state = load_state(checkpoint, "optimizer")
+    flat = {**state.get("zo", {}), **({"local": state["local"]} if "local" in state else {})}
+    save_state(flat, checkpoint, "optimizer")
+    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
+    trainer_state["run"] = {"seed": 0, "optimizer": "zo"}
+    (checkpoint / "trainer_state.json").write_text(json.dumps(trainer_state))
+    checkpoints_module.write_manifest(checkpoint)
+    run(fast_args(out, "--max_steps", "4", *args, "--resume_from_checkpoint", "latest"))
+    whole, resumed = final_weights(tmp_path / "whole"), final_weights(out)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    with pytest.raises(CheckpointError, match="trained with another method, by an hf_zoo_rnn older than --estimator"):
+        run(fast_args(tmp_path / "other", "--estimator", "bptt", "--resume_from_checkpoint", str(checkpoint)))

@@ -91,12 +91,33 @@ def tagged(kind: str, **parts) -> dict:
 
 
 def parts_of(state: dict, kind: str) -> dict:
-    """The parts of a state saved by estimator `kind`; another estimator's state is one error naming both."""
+    """The parts of a state saved by estimator `kind` (or by a version before states named their kind); another
+    estimator's state is one error naming both."""
     saved = state.get("kind")
-    if saved != kind:
-        trained = f"--estimator {saved}" if saved else "an hf_zoo_rnn older than the --estimator option"
+    parts = legacy_parts(state, kind) if saved is None else state if saved == kind else None
+    if parts is None:
+        trained = f"--estimator {saved}" if saved else "another method, by an hf_zoo_rnn older than --estimator"
         raise ValueError(f"it was trained with {trained}; this run uses --estimator {kind}")
-    return state
+    return parts
+
+
+ZO_STATE_KEYS = {"step", "config", "parameter_names", "buffers"}  # ZOOptimizer.state_dict's
+
+
+def legacy_parts(state: dict, kind: str) -> dict | None:
+    """A state saved before states named their kind, as the parts of `kind` (None when it was another estimator's):
+    flat, the local gradient's under "local", the ZO optimiser's keys beside it, or BPTT's torch optimizer state."""
+    local, zo = state.get("local"), {key: value for key, value in state.items() if key != "local"}
+    probes = set(zo) == ZO_STATE_KEYS
+    if kind in ("one_step", "readout") and local is not None and not zo:
+        return {"local": local}
+    if kind == "hybrid" and local is not None and probes:
+        return {"local": local, "zo": zo}
+    if kind in ("probes", "es") and local is None and probes:
+        return {"zo": zo}
+    if kind == "bptt" and set(state) == {"state", "param_groups"}:
+        return {"optimizer": state}
+    return None
 
 
 @dataclass(frozen=True)

@@ -267,10 +267,10 @@ def check_same_run(folder: Path, identities: dict[str, dict]) -> None:
         saved = state.get(kind)
         if saved is None:  # written before checkpoints recorded it
             continue
-        differing = [
-            f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}"
+        differing = [  # a key the checkpoint lacks was not recorded yet (its state's layout is checked on loading)
+            f"{key}: checkpoint {saved[key]!r}, this run {value!r}"
             for key, value in identity.items()
-            if saved.get(key) != value
+            if key in saved and saved[key] != value
         ]
         if differing:
             what = "on other data" if kind == "data" else "by another run"
