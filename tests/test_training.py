@@ -286,12 +286,13 @@ def test_estimator_settings_that_cannot_work_are_clear_errors(tmp_path):
 def test_an_estimator_state_names_its_kind_and_refuses_another():
     from hf_zoo_rnn.estimators.protocol import parts_of, tagged
 
-    state = tagged("hybrid", local={"step": 1}, zo={"step_count": 2})
-    assert parts_of(state, "hybrid")["zo"] == {"step_count": 2}
+    state = tagged("hybrid", local=tagged("readout", local={}), probes=tagged("probes", zo={"step": 2}))
+    assert parts_of(parts_of(state, "hybrid")["probes"], "probes") == {"kind": "probes", "zo": {"step": 2}}
     with pytest.raises(ValueError, match="it was trained with --estimator hybrid; this run uses --estimator probes"):
         parts_of(state, "probes")
     flat = {"step": 2, "config": {}, "parameter_names": [], "buffers": {}}  # a ZO state before states had kinds
-    assert parts_of(flat, "probes") == {"zo": flat} and parts_of({**flat, "local": {}}, "hybrid")["local"] == {}
+    assert parts_of(flat, "probes") == {"zo": flat}
+    assert parts_of({**flat, "local": {}}, "hybrid") == {"local": {"local": {}}, "probes": flat}
     with pytest.raises(ValueError, match="another method, by an hf_zoo_rnn older than --estimator; .* one_step"):
         parts_of(flat, "one_step")
 
@@ -739,8 +740,11 @@ def test_a_checkpoint_from_before_the_estimator_option_resumes_bitwise(tmp_path,
     out = tmp_path / "run"
     run(fast_args(out, "--max_steps", "2", *args))
     checkpoint = out / "checkpoint-2"
-    state = load_state(checkpoint, "optimizer")
-    flat = {**state.get("zo", {}), **({"local": state["local"]} if "local" in state else {})}
+    state = load_state(checkpoint, "optimizer")  # probes: {kind, zo}; hybrid: {kind, local: {kind, local}, probes}
+    if state["kind"] == "hybrid":
+        flat = {**state["probes"]["zo"], "local": state["local"]["local"]}
+    else:
+        flat = state["zo"]
     save_state(flat, checkpoint, "optimizer")
     trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
     trainer_state["run"] = {"seed": 0, "optimizer": "zo"}

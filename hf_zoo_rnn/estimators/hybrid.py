@@ -33,12 +33,12 @@ class HybridEstimator:
         return self.local.finish(clean_loss, report, probes_skipped=probed.skipped)
 
     def state_dict(self) -> dict:
-        return tagged(self.kind, local=self.local.gradient.state_dict(), zo=self.probes.zo.state_dict())
+        return tagged(self.kind, local=self.local.state_dict(), probes=self.probes.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
         parts = parts_of(state, self.kind)
-        self.probes.zo.load_state_dict(parts["zo"])
-        self.local.gradient.load_state_dict(parts["local"])
+        self.probes.load_state_dict(parts["probes"])
+        self.local.load_state_dict(parts["local"])
 
 
 def build_hybrid(inputs: EstimatorInputs) -> BuiltEstimator:

@@ -111,8 +111,8 @@ def legacy_parts(state: dict, kind: str) -> dict | None:
     probes = set(zo) == ZO_STATE_KEYS
     if kind in ("one_step", "readout") and local is not None and not zo:
         return {"local": local}
-    if kind == "hybrid" and local is not None and probes:
-        return {"local": local, "zo": zo}
+    if kind == "hybrid" and local is not None and probes:  # each part in its own old layout
+        return {"local": {"local": local}, "probes": zo}
     if kind in ("probes", "es") and local is None and probes:
         return {"zo": zo}
     if kind == "bptt" and set(state) == {"state", "param_groups"}:
