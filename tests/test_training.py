@@ -755,3 +755,14 @@ def test_a_checkpoint_from_before_the_estimator_option_resumes_bitwise(tmp_path,
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     with pytest.raises(CheckpointError, match="trained with another method, by an hf_zoo_rnn older than --estimator"):
         run(fast_args(tmp_path / "other", "--estimator", "bptt", "--resume_from_checkpoint", str(checkpoint)))
+
+
+def test_an_option_the_estimator_does_not_read_is_named_in_one_warning(caplog):
+    parse_arguments(["--estimator", "one_step", "--zo_eps", "0.1", "--bptt_lr", "0.1", "--local_lr", "0.01"])
+    warnings = [record.getMessage() for record in caplog.records if "does not read" in record.getMessage()]
+    assert warnings == [
+        "--estimator one_step does not read zo_eps (read by probes, hybrid, es); bptt_lr (read by bptt): ignored"
+    ]
+    caplog.clear()
+    parse_arguments([*PROBES, "--zo_eps", "0.1", "--zo_parameters", "*.bias"])
+    assert not [record for record in caplog.records if "does not read" in record.getMessage()]

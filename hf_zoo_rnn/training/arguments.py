@@ -10,6 +10,7 @@ sets defaults, the command line wins.
 A key that no dataclass declares is an error naming the file and the key.
 """
 
+import logging
 import sys
 import types
 import typing
@@ -21,9 +22,11 @@ from transformers import HfArgumentParser
 from ..config_files import ConfigFileError, check_known_keys, config_path, read_yaml
 from ..data.corpus import VALIDATION_FRACTION
 from ..estimators import ARGUMENT_GROUPS, ESTIMATORS, RunArguments
+from ..estimators.probes import ProbeArguments
 from ..zo import ZOConfig
 
 HUB_STRATEGIES = ("end", "every_save", "all_checkpoints")
+logger = logging.getLogger(__name__)
 CHECKPOINT_STORAGES = ("auto", "shared", "per_machine")
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -254,6 +257,7 @@ def parse_arguments(argv: list[str] | None = None) -> RunArguments:
     """The run's arguments (model, data, train, ZOConfig) from `--config FILE` and the command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     given = command_line_values(argv)
+    values = {}
     check_renamed(given, "the command line")
     check_retired(given, "the command line")
     parser = HfArgumentParser(ARGUMENT_CLASSES)
@@ -272,7 +276,29 @@ def parse_arguments(argv: list[str] | None = None) -> RunArguments:
     model_args, data_args, train_args, zo_args = parser.parse_args_into_dataclasses(args=argv)
     args = RunArguments(model_args, data_args, train_args, zero_order_config(zo_args, train_args.seed))
     check_choices(args)
+    ignored = ignored_options([*values, *given], train_args.estimator)
+    if ignored:
+        groups: dict[str, list[str]] = {}  # the estimators that read them -> the options
+        for option, readers in ignored.items():
+            groups.setdefault(", ".join(readers), []).append(option)
+        listed = "; ".join(f"{', '.join(options)} (read by {readers})" for readers, options in groups.items())
+        logger.warning("--estimator %s does not read %s: ignored", train_args.estimator, listed)
     return args
+
+
+def ignored_options(given, estimator: str) -> dict[str, list[str]]:
+    """The options among `given` that belong to other estimators' groups -> the estimators that read them (the
+    zo_ options go with the probes' group)."""
+    readers: dict[str, list[str]] = {}
+    for name, spec in ESTIMATORS.items():
+        for group in spec.arguments:
+            options = [f.name for f in fields(group)]
+            options += [f.name for f in fields(ZeroOrderArguments)] if group is ProbeArguments else []
+            for option in options:
+                readers.setdefault(option, []).append(name)
+    return {
+        option: readers[option] for option in dict.fromkeys(given) if estimator not in readers.get(option, [estimator])
+    }
 
 
 def typed_value(key: str, value, hint, path: str):
