@@ -1,14 +1,12 @@
 """Exact local gradients: the readout's equals autograd's full gradient, the one-step gradient equals a
 token-by-token autograd reference with the recurrent state detached between tokens."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from conftest import small_config
 
 from hf_zoo_rnn import ZooRnnForCausalLM
-from hf_zoo_rnn.estimators.local import LocalGradient
+from hf_zoo_rnn.estimators.local import LocalArguments, LocalGradient
 from hf_zoo_rnn.forwards.local import accumulate_local_gradients, readout_parameter_names
 
 VARIANTS = [
@@ -107,15 +105,7 @@ def test_unknown_scope_is_a_clear_error():
 def test_a_non_finite_local_gradient_is_dropped_not_stepped():
     model = fp64_model()
     names = readout_parameter_names(model)
-    args = SimpleNamespace(
-        local_lr=0.1,
-        local_beta1=0.9,
-        local_beta2=0.999,
-        local_weight_decay=0.0,
-        local_lr_schedule="constant",
-        local_warmup_steps=0,
-        local_steps=1,
-    )
+    args = LocalArguments(local_lr=0.1, local_lr_schedule="constant")
     gradient = LocalGradient(model, "readout", trained=names, surrogate=[], args=args, total_steps=10)
     ids, labels = batch()
     before = {name: param.detach().clone() for name, param in model.named_parameters()}

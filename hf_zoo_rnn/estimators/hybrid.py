@@ -5,7 +5,7 @@ from functools import partial
 
 from ..config_files import ConfigFileError
 from .local import LocalArguments, LocalEstimator, check_local, local_gradient, local_rows, partition, roles
-from .probes import ProbeArguments, ProbeEstimator, check_zero_order, next_token_loss, probe_rows, zo_optimizer
+from .probes import ProbeArguments, ProbeEstimator, check_next_token_probes, next_token_loss, probe_rows, zo_optimizer
 from .protocol import BuiltEstimator, EstimatorInputs, EstimatorSpec, RunArguments, StepReport, parts_of, tagged
 
 
@@ -21,16 +21,16 @@ class HybridEstimator:
 
     def train_step(self, batch) -> StepReport:
         input_ids, labels = batch
-        clean_loss, report = self.local.accumulate(batch)
+        report = self.local.accumulate(batch)  # its loss: L(theta), what the probes difference against
         probed = self.probes.update(
             partial(next_token_loss, self.probes.model, input_ids, labels),
             self.probes.population(input_ids, labels),
-            clean_loss,
+            report.loss,
             self.local.gradient.surrogates(),
         )
         report.add_costs(probed)
         report.probes, report.metrics = probed.probes, {**probed.metrics, "perturbed_loss": probed.loss}
-        return self.local.finish(clean_loss, report, probes_skipped=probed.skipped)
+        return self.local.finish(report, probes_skipped=probed.skipped)
 
     def state_dict(self) -> dict:
         return tagged(self.kind, local=self.local.state_dict(), probes=self.probes.state_dict())
@@ -68,9 +68,7 @@ def build_hybrid(inputs: EstimatorInputs) -> BuiltEstimator:
 
 def check_hybrid(args: RunArguments) -> None:
     check_local(args)
-    check_zero_order(args)
-    if args.zo.loss_shaping == "per_prompt":
-        raise ConfigFileError("zo_loss_shaping=per_prompt shapes rewards per prompt: it needs --estimator es")
+    check_next_token_probes(args)
     if args.zo.guided_by_local_gradient and args.train.local_scope != "one_step":
         raise ConfigFileError(
             f"zo_guide={args.zo.guide!r} uses the one-step gradient of the ZO parameters: set local_scope=one_step"

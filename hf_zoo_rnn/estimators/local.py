@@ -167,19 +167,19 @@ class LocalEstimator:
         self.accelerator, self.batch_copies = accelerator, batch_copies
 
     def train_step(self, batch) -> StepReport:
-        clean_loss, report = self.accumulate(batch)
-        return self.finish(clean_loss, report, probes_skipped=True)
+        return self.finish(self.accumulate(batch), probes_skipped=True)
 
-    def accumulate(self, batch) -> tuple[float, StepReport]:
-        """Fill .grad with the batch's local gradient; (its clean loss, what it cost)."""
+    def accumulate(self, batch) -> StepReport:
+        """Fill .grad with the batch's local gradient; the report of what it cost, its loss this process's clean loss
+        of the batch."""
         input_ids, labels = batch
         clean_loss, sent = self.gradient.accumulate(input_ids, labels)
-        costs = StepReport(clean_loss, forward_passes=1, tokens=input_ids.numel() * self.batch_copies, comm_bytes=sent)
-        return clean_loss, costs
+        return StepReport(clean_loss, forward_passes=1, tokens=input_ids.numel() * self.batch_copies, comm_bytes=sent)
 
-    def finish(self, clean_loss: float, report: StepReport, probes_skipped: bool) -> StepReport:
-        """The AdamW update from this batch's gradient and the further local steps; the loss is this batch's clean
-        loss, before the updates. A dropped gradient skips the step when the probes (if any) skipped theirs too."""
+    def finish(self, report: StepReport, probes_skipped: bool) -> StepReport:
+        """The AdamW update from this batch's gradient and the further local steps; the loss stays this batch's clean
+        loss, before the updates (the mean over processes when each has its own batch). A dropped gradient skips the
+        step when the probes (if any) skipped theirs too."""
         local_lr = self.gradient.apply()
         if local_lr is None:
             report.skipped = probes_skipped
@@ -193,8 +193,7 @@ class LocalEstimator:
             report.add_costs(StepReport(loss, forward_passes=1, tokens=extra_tokens, comm_bytes=sent))
         if self.batch_copies > 1:  # each process has its own batch: log the mean over processes, as BPTT does
             device = self.accelerator.device
-            clean_loss = self.accelerator.reduce(torch.tensor(clean_loss, device=device), "mean").item()
-        report.loss = clean_loss
+            report.loss = self.accelerator.reduce(torch.tensor(report.loss, device=device), "mean").item()
         return report
 
     def state_dict(self) -> dict:

@@ -163,10 +163,15 @@ def check_zero_order(args: RunArguments) -> None:
         raise ConfigFileError(f"zo_lr must be positive (a ZO step moves against the estimated gradient), got {zo.lr}")
 
 
-def check_probes(args: RunArguments) -> None:
+def check_next_token_probes(args: RunArguments) -> None:
+    """What probes on the next-token loss (estimators probes and hybrid) need of the zo_ options."""
     check_zero_order(args)
     if args.zo.loss_shaping == "per_prompt":
         raise ConfigFileError("zo_loss_shaping=per_prompt shapes rewards per prompt: it needs --estimator es")
+
+
+def check_probes(args: RunArguments) -> None:
+    check_next_token_probes(args)
     if args.zo.guided_by_local_gradient:
         raise ConfigFileError(
             f"zo_guide={args.zo.guide!r} uses the one-step gradient of the ZO parameters: it needs --estimator hybrid "

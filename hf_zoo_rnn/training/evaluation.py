@@ -107,12 +107,10 @@ class RewardEvaluation:
     def __init__(self, args, tokenizer, objective: RewardObjective, validation_stream: Callable):
         self.args, self.tokenizer, self.validation_stream = args, tokenizer, validation_stream
         self.greedy = RewardObjective(tokenizer, objective.functions, objective.weights, args.train.max_new_tokens)
-        self.greedy.timeout = objective.timeout
-        self.objective = objective
+        self.greedy.timeout, self.greedy.trainer_state = objective.timeout, objective.trainer_state
 
     def __call__(self, model) -> dict:
         data = self.args.data
-        self.greedy.trainer_state = self.objective.trainer_state
         streams = {"eval_reward": self.validation_stream()}
         if streams["eval_reward"] is None:  # ESTrainer without an eval_dataset
             return {}

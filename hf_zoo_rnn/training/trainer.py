@@ -123,6 +123,7 @@ class ZooTrainer:
         )
         built = build_estimator(inputs)
         self.estimator, self.model, self.parameter_roles = built.estimator, built.model, built.parameter_roles
+        self.scores_rewards = built.objective is not None  # its steps call reward functions, which a signal abandons
         if self.resume_dir is not None:
             self.load_training_state(self.resume_dir)
         self.trainer_state.global_step = self.counters["step"]
@@ -183,7 +184,8 @@ class ZooTrainer:
         while self.counters["step"] < args.max_steps:
             if args.max_train_seconds is not None and training_seconds >= args.max_train_seconds:
                 break
-            position = self.batches.state_dict()  # where to read this step's batch again, were it abandoned
+            # where to read this step's batch again, were it abandoned (only a reward call can be interrupted)
+            position = self.batches.state_dict() if self.scores_rewards else None
             batch = self.batches.next_batch()
             step_started = time.perf_counter()
             RewardCall.interruptible = True  # only a step can be abandoned (not an evaluation, not a save)
